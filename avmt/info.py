@@ -1,0 +1,96 @@
+"""What this machine offers avmt: ``python -m avmt.info [--json]``.
+
+Prints the versions of Python, torch, CUDA, Triton and DALI that are present, and for every op with
+more than one possible implementation, which backend runs here and why the others do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+import avmt
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """One implementation of an op: whether it can run here and, if not, why."""
+
+    name: str
+    available: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class OpStatus:
+    op: str
+    selected: str
+    backends: tuple[BackendStatus, ...]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions and devices as a flat dict (None where a component is absent)."""
+    cuda = torch.cuda.is_available()
+    dali = next((v for d in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali") if (v := _version(d))), None)
+    return {
+        "avmt": avmt.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda_build": torch.version.cuda or "none (CPU build)",
+        "cuda_available": cuda,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "triton": _version("triton"),
+        "nvidia_dali": dali,
+        "numpy": _version("numpy"),
+    }
+
+
+def op_statuses() -> list[OpStatus]:
+    """Per op, every implementation avmt has and whether it runs here. The plain PyTorch reference always does."""
+    return [
+        OpStatus(
+            op="lowrank_linear  (U·R_m·normalize(V_mᵀx)+b, avmt.models.LowRankLinear)",
+            selected="reference",
+            backends=(BackendStatus("reference", True, "plain PyTorch, runs on every device"),),
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m avmt.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    env, ops = environment(), op_statuses()
+    if args.json:
+        print(json.dumps({"environment": env, "ops": [asdict(o) for o in ops]}, indent=2))
+        return 0
+    print("avmt environment")
+    width = max(map(len, env))
+    for key, value in env.items():
+        shown = ", ".join(value) if isinstance(value, list) else ("not installed" if value is None else value)
+        print(f"  {key.ljust(width)}  {shown if shown != '' else 'none'}")
+    print("ops (backend that runs here, then every backend and why)")
+    for o in ops:
+        print(f"  {o.op}\n    selected: {o.selected}")
+        for b in o.backends:
+            print(f"    - {b.name}: {'available' if b.available else 'unavailable'} ({b.reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The AVBERT model (SPEC §1-2): per-clip CNNs, then visual, audio and multimodal Transformers.
+
+Layout of the inputs (one sample = a sequence of T time-aligned clips):
+
+- ``video [B, T, 3, F, H, W]`` float, ``audio [B, T, 1, n_mels, frames]`` float (log-mel);
+- ``clip_mask [B, T]`` bool, optional: True for real clips, False for padding when T varies in a batch.
+
+Sharing is explicit: the model owns its *unique* Transformer layers in ``self.layers`` and a plan maps
+each Transformer to the layer indices it applies, e.g. ``lowrank``/``all`` in mid fusion::
+
+    plan = {"visual": (0,)*6, "audio": (0,)*6, "multimodal": (0,)*6}    # one layer, 18 applications
+
+so shared weights are the same tensors by construction and appear once in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from avmt.config import ModelConfig
+from avmt.models.cnn import AudioResNet, VisualResNet
+from avmt.models.transformer import RotationCache, SequenceEmbedding, TransformerLayer
+
+# The Transformers of each fusion mode, in the order of their low-rank modality group index.
+TRANSFORMERS: dict[str, tuple[str, ...]] = {
+    "mid": ("visual", "audio", "multimodal"),
+    "late": ("visual", "audio"),
+    "early": ("multimodal",),
+}
+
+
+def layer_plan(sharing: str, fusion: str, layers: int) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """(number of unique layers, {transformer: layer index per depth}) for a sharing scheme."""
+    names = TRANSFORMERS[fusion]
+    if sharing == "none":
+        return len(names) * layers, {n: tuple(range(i * layers, (i + 1) * layers)) for i, n in enumerate(names)}
+    if sharing == "layers":
+        return len(names), {n: (i,) * layers for i, n in enumerate(names)}
+    if sharing in ("all", "lowrank"):
+        return 1, {n: (0,) * layers for n in names}
+    raise ValueError(f"unknown sharing scheme {sharing!r}")
+
+
+@dataclass
+class EncoderOutput:
+    """Transformer outputs; a field is None when the fusion mode has no such Transformer.
+
+    ``visual``/``audio``: ``[B, 1+T, D]`` unimodal outputs ``y_0..y_T`` (index 0 is the BOS token).
+    ``multimodal``: ``[B, 2(1+T), D]``: the visual half ``m^v_0..m^v_T`` then the audio half ``m^a_0..m^a_T``.
+    Outputs at padded clip positions (``clip_mask`` False) are unspecified.
+    """
+
+    visual: Tensor | None
+    audio: Tensor | None
+    multimodal: Tensor | None
+
+
+@dataclass
+class AVBertOutput(EncoderOutput):
+    """Everything the objectives need, from one forward of :class:`AVBert`.
+
+    ``visual_features [B, T, 32*visual_width]`` / ``audio_features [B, T, 32*audio_width]``: pooled CNN
+    features. ``visual_embeddings`` / ``audio_embeddings [B, T, D]``: the clip tokens x_t after the input
+    projection + LayerNorm (the MEP targets). Padded clips (``clip_mask`` False) hold zeros in all four.
+    """
+
+    visual_features: Tensor | None = None
+    audio_features: Tensor | None = None
+    visual_embeddings: Tensor | None = None
+    audio_embeddings: Tensor | None = None
+    clip_mask: Tensor | None = None
+
+
+class InputProjection(nn.Sequential):
+    """Linear + LayerNorm from a CNN feature ``[..., C]`` to a clip token ``[..., D]``."""
+
+    def __init__(self, cin: int, dim: int, ln_eps: float, init_std: float) -> None:
+        super().__init__(nn.Linear(cin, dim), nn.LayerNorm(dim, eps=ln_eps))
+        nn.init.normal_(self[0].weight, std=init_std)
+        nn.init.zeros_(self[0].bias)
+
+
+class AVBert(nn.Module):
+    """AVBERT: ``forward(video, audio, clip_mask=None) -> AVBertOutput``.
+
+    ``embed_visual``/``embed_audio`` (CNN + projection) and ``encode`` (the Transformers) are public so an
+    objective can alter the clip tokens in between (masking, swapping audio) without touching the model.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.visual_cnn = VisualResNet(cfg.visual_width, cfg.visual_depths, cfg.visual_temporal_kernels, bn_eps=cfg.bn_eps, zero_init_residual=cfg.zero_init_residual)
+        self.audio_cnn = AudioResNet(cfg.audio_width, cfg.audio_depths, cfg.audio_separable_stages, bn_eps=cfg.bn_eps, zero_init_residual=cfg.zero_init_residual)
+        self.visual_proj = InputProjection(self.visual_cnn.out_features, d, cfg.ln_eps, cfg.init_std)
+        self.audio_proj = InputProjection(self.audio_cnn.out_features, d, cfg.ln_eps, cfg.init_std)
+        self.visual_bos = nn.Parameter(torch.randn(d) * cfg.init_std)
+        self.audio_bos = nn.Parameter(torch.randn(d) * cfg.init_std)
+
+        self.transformers = TRANSFORMERS[cfg.fusion]
+        n_layers, self.plan = layer_plan(cfg.sharing, cfg.fusion, cfg.layers)
+        lowrank = cfg.sharing == "lowrank"
+        self.layers = nn.ModuleList(
+            TransformerLayer(
+                d, cfg.heads, cfg.ffn_dim, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, ln_eps=cfg.ln_eps,
+                init_std=cfg.init_std, lowrank=lowrank, rank=cfg.rank, groups=len(self.transformers), lowrank_eps=cfg.lowrank_eps,
+            )
+            for _ in range(n_layers)
+        )
+        # one embedding module per Transformer; the multimodal one adds a modality (type) embedding
+        self.embeddings = nn.ModuleDict({
+            name: SequenceEmbedding(cfg.max_clips + 1, d, 2 if name == "multimodal" else 0, ln_eps=cfg.ln_eps, dropout=cfg.dropout, init_std=cfg.init_std)
+            for name in self.transformers
+        })
+
+    # -- parts, for parameter accounting -----------------------------------------------------------------
+    def parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """The model split into the parts the paper counts separately; every parameter is in exactly one."""
+        return {
+            "transformer": [self.layers],
+            "cnn": [self.visual_cnn, self.audio_cnn],
+            "projection": [self.visual_proj, self.audio_proj],
+            "embedding": [self.embeddings, self.visual_bos, self.audio_bos],
+        }
+
+    def transformer_layers(self, name: str) -> list[TransformerLayer]:
+        """The layer objects the Transformer ``name`` applies, in order (shared layers repeat)."""
+        return [self.layers[i] for i in self.plan[name]]
+
+    # -- clip tokens ---------------------------------------------------------------------------------------
+    def _per_clip(self, cnn: nn.Module, proj: nn.Module, clips: Tensor, clip_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Run ``cnn`` on the real clips of ``clips [B, T, ...]``; returns features [B,T,C] and tokens [B,T,D]."""
+        b, t = clips.shape[:2]
+        flat = clips.flatten(0, 1) if clip_mask is None else clips[clip_mask]
+        feats = cnn(flat)
+        tokens = proj(feats)
+        if clip_mask is None:
+            return feats.unflatten(0, (b, t)), tokens.unflatten(0, (b, t))
+        feats_full = feats.new_zeros(b, t, feats.shape[-1]).masked_scatter(clip_mask[..., None], feats)
+        tokens_full = tokens.new_zeros(b, t, tokens.shape[-1]).masked_scatter(clip_mask[..., None], tokens)
+        return feats_full, tokens_full
+
+    def embed_visual(self, video: Tensor, clip_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``video [B, T, 3, F, H, W]`` -> (features ``[B, T, 32*visual_width]``, tokens ``[B, T, D]``)."""
+        _check_clips("video", video, 6, "[B, T, 3, frames, height, width]", 3, self.cfg.max_clips, clip_mask)
+        return self._per_clip(self.visual_cnn, self.visual_proj, video, clip_mask)
+
+    def embed_audio(self, audio: Tensor, clip_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``audio [B, T, 1, n_mels, frames]`` -> (features ``[B, T, 32*audio_width]``, tokens ``[B, T, D]``)."""
+        _check_clips("audio", audio, 5, "[B, T, 1, n_mels, frames]", 1, self.cfg.max_clips, clip_mask)
+        return self._per_clip(self.audio_cnn, self.audio_proj, audio, clip_mask)
+
+    # -- Transformers --------------------------------------------------------------------------------------
+    def _run(self, name: str, h: Tensor, positions: Tensor, types: Tensor | None, key_mask: Tensor | None, cache: RotationCache) -> Tensor:
+        h = self.embeddings[name](h, positions, types)
+        group = self.transformers.index(name)
+        for layer in self.transformer_layers(name):
+            h = layer(h, group, key_mask, cache)
+        return h
+
+    def _with_bos(self, bos: Tensor, tokens: Tensor) -> Tensor:
+        return torch.cat([bos.to(tokens.dtype).expand(tokens.shape[0], 1, -1), tokens], dim=1)
+
+    def encode(self, visual_tokens: Tensor, audio_tokens: Tensor, clip_mask: Tensor | None = None) -> EncoderOutput:
+        """Run the Transformers on clip tokens ``[B, T, D]`` (both modalities, same B and T)."""
+        if visual_tokens.shape != audio_tokens.shape or visual_tokens.dim() != 3 or visual_tokens.shape[-1] != self.cfg.dim:
+            raise ValueError(
+                f"visual and audio tokens must both be [B, T, {self.cfg.dim}], got {tuple(visual_tokens.shape)} and {tuple(audio_tokens.shape)}"
+            )
+        b, t, _ = visual_tokens.shape
+        device = visual_tokens.device
+        pos = torch.arange(t + 1, device=device)
+        key_mask = None
+        if clip_mask is not None:
+            key_mask = torch.cat([clip_mask.new_ones(b, 1), clip_mask], dim=1)  # BOS is always a real token
+        cache = RotationCache()  # R_m of the shared low-rank maps: materialised once for this whole forward
+        v_seq = self._with_bos(self.visual_bos, visual_tokens)
+        a_seq = self._with_bos(self.audio_bos, audio_tokens)
+        y_v = y_a = m = None
+        if "visual" in self.transformers:
+            y_v = self._run("visual", v_seq, pos, None, key_mask, cache)
+            y_a = self._run("audio", a_seq, pos, None, key_mask, cache)
+        if "multimodal" in self.transformers:
+            # mid fusion: the unimodal outputs; early fusion: the BOS-prefixed clip tokens themselves
+            joint = torch.cat([y_v, y_a] if y_v is not None else [v_seq, a_seq], dim=1)
+            types = torch.arange(2, device=device).repeat_interleave(t + 1)
+            joint_mask = None if key_mask is None else torch.cat([key_mask, key_mask], dim=1)
+            m = self._run("multimodal", joint, pos.repeat(2), types, joint_mask, cache)  # audio positions restart at 0
+        return EncoderOutput(visual=y_v, audio=y_a, multimodal=m)
+
+    def forward(self, video: Tensor, audio: Tensor, clip_mask: Tensor | None = None) -> AVBertOutput:
+        if video.shape[:2] != audio.shape[:2]:
+            raise ValueError(f"video and audio must have the same [B, T], got {tuple(video.shape[:2])} and {tuple(audio.shape[:2])}")
+        v_feat, v_tok = self.embed_visual(video, clip_mask)
+        a_feat, a_tok = self.embed_audio(audio, clip_mask)
+        enc = self.encode(v_tok, a_tok, clip_mask)
+        return AVBertOutput(
+            visual=enc.visual, audio=enc.audio, multimodal=enc.multimodal, visual_features=v_feat, audio_features=a_feat,
+            visual_embeddings=v_tok, audio_embeddings=a_tok, clip_mask=clip_mask,
+        )
+
+
+def _check_clips(name: str, x: Tensor, ndim: int, layout: str, channels: int, max_clips: int, clip_mask: Tensor | None) -> None:
+    if x.dim() != ndim or x.shape[2] != channels:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    b, t = x.shape[:2]
+    if not 1 <= t <= max_clips:
+        raise ValueError(f"{name} has T={t} clips; this model accepts 1..{max_clips} (model.max_clips)")
+    if clip_mask is not None:
+        if clip_mask.dtype != torch.bool or tuple(clip_mask.shape) != (b, t):
+            raise ValueError(f"clip_mask must be a bool tensor of shape [B, T] = {(b, t)}, got {clip_mask.dtype} {tuple(clip_mask.shape)}")
+        if not bool(clip_mask.any(dim=1).all()):
+            raise ValueError("clip_mask has a sample with no real clip; every sample needs at least one")
+

@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+
+import torch
+
+from avmt.info import environment, op_statuses
+
+
+def test_environment_reports_what_is_installed():
+    env = environment()
+    assert env["torch"] == torch.__version__
+    assert env["cuda_available"] == torch.cuda.is_available()
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        assert env["triton"] is None
+    else:
+        assert env["triton"] is not None
+
+
+def test_every_op_selects_an_available_backend():
+    for op in op_statuses():
+        chosen = [b for b in op.backends if b.name == op.selected]
+        assert len(chosen) == 1 and chosen[0].available, op
+        assert any(b.name == "reference" and b.available for b in op.backends)
+        assert all(b.reason for b in op.backends)
+
+
+def test_info_cli():
+    out = subprocess.run([sys.executable, "-m", "avmt.info", "--json"], capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    assert data["environment"]["python"].count(".") == 2
+    assert data["ops"][0]["selected"] == "reference"
+    text = subprocess.run([sys.executable, "-m", "avmt.info"], capture_output=True, text=True, check=True).stdout
+    assert "selected: reference" in text and "torch" in text

@@ -1,0 +1,166 @@
+import itertools
+
+import pytest
+import torch
+
+from avmt.config import load_config
+from avmt.models import AVBert, LowRankLinear, TransformerLayer
+
+COMBOS = [(s, f) for f, s in itertools.product(("mid", "late", "early"), ("none", "layers", "all", "lowrank"))
+          if not (f == "early" and s in ("all", "lowrank"))]
+
+
+def tiny(*overrides):
+    return load_config("tiny", overrides=list(overrides))
+
+
+def inputs(cfg, b=2, t=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.data
+    t = t or d.num_clips
+    video = torch.randn(b, t, 3, d.frames, d.crop_size, d.crop_size, generator=g)
+    audio = torch.randn(b, t, 1, d.n_mels, d.mel_frames, generator=g)
+    return video, audio
+
+
+@pytest.mark.parametrize("sharing, fusion", COMBOS)
+def test_forward_backward_every_scheme_and_fusion(sharing, fusion):
+    torch.manual_seed(0)
+    cfg = tiny(f"model.sharing={sharing}", f"model.fusion={fusion}", "model.zero_init_residual=false")
+    model = AVBert(cfg.model).train()
+    b, t, d = 3, cfg.data.num_clips, cfg.model.dim
+    out = model(*inputs(cfg, b))
+    assert out.visual_features.shape == (b, t, 32 * cfg.model.visual_width)
+    assert out.audio_features.shape == (b, t, 32 * cfg.model.audio_width)
+    assert out.visual_embeddings.shape == out.audio_embeddings.shape == (b, t, d)
+    if fusion == "early":
+        assert out.visual is None and out.audio is None
+    else:
+        assert out.visual.shape == out.audio.shape == (b, 1 + t, d)
+    if fusion == "late":
+        assert out.multimodal is None
+    else:
+        assert out.multimodal.shape == (b, 2 * (1 + t), d)
+    results = [x for x in (out.visual, out.audio, out.multimodal) if x is not None]
+    assert all(torch.isfinite(x).all() for x in results)
+    # a loss on the Transformer outputs only: gradients must still reach every parameter, CNNs included
+    loss = sum((x * torch.randn_like(x)).sum() for x in results)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
+
+
+def test_sharing_uses_the_same_tensors():
+    def layers(sharing):
+        m = AVBert(tiny(f"model.sharing={sharing}").model)
+        return m, {n: m.transformer_layers(n) for n in ("visual", "audio", "multimodal")}
+
+    m, by = layers("none")
+    assert len({id(layer) for ls in by.values() for layer in ls}) == 3 * m.cfg.layers
+    m, by = layers("layers")
+    for ls in by.values():
+        assert all(layer is ls[0] for layer in ls)
+    assert len({id(ls[0]) for ls in by.values()}) == 3
+    for scheme in ("all", "lowrank"):
+        m, by = layers(scheme)
+        first = by["visual"][0]
+        assert all(layer is first for ls in by.values() for layer in ls) and len(m.layers) == 1
+    # lowrank: one U per map; V and A hold one slice per modality group
+    q = m.layers[0].query
+    assert isinstance(q, LowRankLinear) and q.V.shape[0] == q.A.shape[0] == 3
+    # no tensor appears twice in the state dict (safe for safetensors, no duplicated checkpoint bytes)
+    ptrs = [t.data_ptr() for t in m.state_dict().values() if t.numel()]
+    assert len(ptrs) == len(set(ptrs))
+
+
+def test_rotations_are_materialised_once_per_forward(monkeypatch):
+    model = AVBert(tiny("model.sharing=lowrank").model)
+    calls = []
+    original = LowRankLinear.rotations
+
+    def counting(self):
+        calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(LowRankLinear, "rotations", counting)
+    model(*inputs(load_config("tiny")))
+    maps = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert len(maps) == 6  # Q, K, V, attention output, FFN in, FFN out of the single shared layer
+    # 6 maps x 2 layers x 3 Transformers = 36 applications, but each map's R_m is computed once
+    assert len(calls) == len(maps) and {id(c) for c in calls} == {id(m) for m in maps}
+    # a layer called alone, without a cache, still computes its rotations itself
+    calls.clear()
+    model.layers[0](torch.randn(2, 5, model.cfg.dim), 1)
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("sharing, fusion", [("lowrank", "mid"), ("none", "early"), ("all", "late")])
+def test_padded_clips_do_not_change_real_outputs(sharing, fusion):
+    torch.manual_seed(1)
+    cfg = tiny(f"model.sharing={sharing}", f"model.fusion={fusion}", "data.num_clips=5", "data.window_seconds=10")
+    model = AVBert(cfg.model).eval()  # eval: no dropout, BatchNorm uses running statistics
+    video, audio = inputs(cfg, b=2, t=5)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    out = model(video, audio, mask)
+    alone = model(video[1:, :2], audio[1:, :2])
+    t = 2
+    if out.visual is not None:
+        torch.testing.assert_close(out.visual[1, : 1 + t], alone.visual[0])
+        torch.testing.assert_close(out.audio[1, : 1 + t], alone.audio[0])
+    if out.multimodal is not None:
+        mm = out.multimodal[1]
+        torch.testing.assert_close(torch.cat([mm[: 1 + t], mm[6 : 6 + 1 + t]]), alone.multimodal[0])
+    torch.testing.assert_close(out.visual_embeddings[1, :t], alone.visual_embeddings[0])
+    assert (out.visual_features[1, t:] == 0).all() and (out.audio_embeddings[1, t:] == 0).all()
+    # the full sample is unaffected by its padded neighbour
+    first = model(video[:1], audio[:1])
+    for name in ("visual", "audio", "multimodal"):
+        if getattr(out, name) is not None:
+            torch.testing.assert_close(getattr(out, name)[:1], getattr(first, name))
+
+
+def test_up_to_max_clips():
+    cfg = tiny("model.max_clips=64", "data.num_clips=4")
+    model = AVBert(cfg.model).eval()
+    with torch.no_grad():
+        out = model(*inputs(cfg, b=1, t=64))
+    assert out.multimodal.shape == (1, 2 * 65, cfg.model.dim)
+    with pytest.raises(ValueError, match=r"T=65 clips; this model accepts 1..64 \(model.max_clips\)"):
+        model(*inputs(cfg, b=1, t=65))
+    assert load_config("paper").model.max_clips >= 64
+
+
+def test_bad_inputs_raise_clear_errors():
+    cfg = tiny()
+    model = AVBert(cfg.model)
+    video, audio = inputs(cfg)
+    with pytest.raises(ValueError, match=r"video must be \[B, T, 3, frames, height, width\]"):
+        model(video[:, :, :2], audio)
+    with pytest.raises(ValueError, match=r"audio must be \[B, T, 1, n_mels, frames\]"):
+        model(video, audio[:, :, 0])
+    with pytest.raises(ValueError, match="same \\[B, T\\]"):
+        model(video, audio[:, :3])
+    with pytest.raises(ValueError, match="floating-point"):
+        model(video.to(torch.uint8), audio)
+    with pytest.raises(ValueError, match="clip_mask must be a bool tensor"):
+        model(video, audio, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="no real clip"):
+        model(video, audio, torch.tensor([[True] * 4, [False] * 4]))
+    with pytest.raises(ValueError, match="tokens must both be"):
+        model.encode(torch.randn(2, 4, cfg.model.dim), torch.randn(2, 3, cfg.model.dim))
+
+
+def test_layer_is_post_ln_bert():
+    """A hand-written BERT post-LN layer with the same weights gives the same output."""
+    torch.manual_seed(0)
+    d, h, s = 16, 4, 7
+    layer = TransformerLayer(d, h, 24, dropout=0.0, attention_dropout=0.0, ln_eps=1e-12, init_std=0.2).eval()
+    x = torch.randn(3, s, d, dtype=torch.float64)
+    layer = layer.double()
+    q, k, v = (m(x).view(3, s, h, d // h).transpose(1, 2) for m in (layer.query, layer.key, layer.value))
+    att = torch.softmax(q @ k.transpose(-1, -2) / (d // h) ** 0.5, dim=-1) @ v
+    hid = layer.attn_norm(x + layer.attn_out(att.transpose(1, 2).reshape(3, s, d)))
+    ffn = layer.ffn_out(0.5 * layer.ffn_in(hid) * (1 + torch.erf(layer.ffn_in(hid) / 2**0.5)))
+    torch.testing.assert_close(layer(x), layer.ffn_norm(hid + ffn))
