@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import avmt
+from avmt import sampling
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,20 @@ def environment() -> dict[str, Any]:
         "triton": _version("triton"),
         "nvidia_dali": dali,
         "numpy": _version("numpy"),
+        "avmt._C": sampling._C_ERROR or ("built with CUDA ops" if sampling._C.cuda_built else "built (C++ CPU ops only)"),
     }
 
 
 def op_statuses() -> list[OpStatus]:
     """Per op, every implementation avmt has and whether it runs here. The plain PyTorch reference always does."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    negatives = sampling.backend_status(device)
     return [
+        OpStatus(
+            op=f"sample_negatives  (avmt.sampling, for {device} tensors)",
+            selected=sampling.select_backend(device),
+            backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in negatives.items()),
+        ),
         OpStatus(
             op="lowrank_linear  (U·R_m·normalize(V_mᵀx)+b, avmt.models.LowRankLinear)",
             selected="reference",

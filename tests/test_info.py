@@ -31,6 +31,9 @@ def test_info_cli():
     out = subprocess.run([sys.executable, "-m", "avmt.info", "--json"], capture_output=True, text=True, check=True).stdout
     data = json.loads(out)
     assert data["environment"]["python"].count(".") == 2
-    assert data["ops"][0]["selected"] == "reference"
+    ops = {o["op"].split()[0]: o for o in data["ops"]}
+    assert ops["lowrank_linear"]["selected"] == "reference"
+    assert ops["sample_negatives"]["selected"] == ("cuda" if torch.cuda.is_available() else "cpp")
+    assert data["environment"]["avmt._C"].startswith("built")
     text = subprocess.run([sys.executable, "-m", "avmt.info"], capture_output=True, text=True, check=True).stdout
-    assert "selected: reference" in text and "torch" in text
+    assert "selected: cpp" in text or "selected: cuda" in text
