@@ -1,6 +1,6 @@
 """Typed configuration: presets, YAML files and dotted command-line overrides.
 
-A :class:`Config` has three frozen sections (``model``, ``data``, ``train``). It is built from a
+A :class:`Config` has four frozen sections (``model``, ``data``, ``objective``, ``train``). It is built from a
 preset (``paper``, ``small``, ``tiny``), then an optional YAML file, then ``section.key=value``
 overrides, in that order::
 
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
+
+_SECTIONS = ("model", "data", "objective", "train")
 
 Sharing = Literal["none", "layers", "all", "lowrank"]
 Fusion = Literal["early", "mid", "late"]
@@ -202,6 +204,32 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ObjectiveConfig(_Section):
+    """Pretraining objectives (SPEC §3) and negative sampling (SPEC §4)."""
+
+    section: ClassVar[str] = "objective"
+
+    mask_ratio: float = _field(0.15, (lambda v: 0 < v <= 1, "a fraction in (0, 1]"))  # clips masked per sequence (>= 1)
+    mask_token: float = _field(0.8, PROBABILITY)  # of the masked clips: replaced by the learned mask embedding
+    mask_random: float = _field(0.1, PROBABILITY)  # ... replaced by another clip's embedding; the rest are kept
+    negatives: int = _field(32, POSITIVE)  # K
+    sampling: Literal["similar", "dissimilar", "uniform", "sequence"] = "similar"
+    trim: float = _field(0.025, (lambda v: 0 <= v < 0.5, "a fraction in [0, 0.5)"))
+    sampling_space: Literal["features", "embeddings"] = "features"  # CNN features, or the projected clip tokens
+    sampling_backend: Literal["auto", "reference", "cpp", "cuda"] = "auto"
+    swap_prob: float = _field(0.5, (lambda v: 0 <= v <= 1, "a probability in [0, 1]"))  # CPP: audio swapped
+    # BOS outputs the CPP classifier reads; auto: the multimodal ones when the fusion mode has that Transformer
+    cpp_input: Literal["auto", "multimodal", "unimodal"] = "auto"
+    mep_visual: float = _field(1.0, NON_NEGATIVE)  # loss weights
+    mep_audio: float = _field(1.0, NON_NEGATIVE)
+    mep_multimodal: float = _field(1.0, NON_NEGATIVE)
+    cpp: float = _field(1.0, NON_NEGATIVE)
+
+    def _check(self) -> None:
+        self._require(self.mask_token + self.mask_random <= 1, "mask_random", f"at most 1 - objective.mask_token = {1 - self.mask_token:g}")
+
+
+@dataclass(frozen=True)
 class TrainConfig(_Section):
     """Optimisation. The optimizer numbers are the paper's (SPEC §6); the schedule is our default."""
 
@@ -226,11 +254,18 @@ class Config:
     preset: str = "paper"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         if self.data.num_clips > self.model.max_clips:
             raise _fail("data.num_clips", self.data.num_clips, f"at most model.max_clips={self.model.max_clips}")
+        fusion, cpp_input = self.model.fusion, self.objective.cpp_input
+        if (fusion == "late" and cpp_input == "multimodal") or (fusion == "early" and cpp_input == "unimodal"):
+            raise ConfigError(
+                f"objective.cpp_input={cpp_input!r} is invalid with model.fusion={fusion!r}: that fusion mode has no "
+                f"{cpp_input} Transformer; expected {'unimodal' if fusion == 'late' else 'multimodal'}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples become lists), suitable for YAML/JSON."""
@@ -240,7 +275,7 @@ class Config:
 
         return {"preset": self.preset} | {
             name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()}
-            for name in ("model", "data", "train")
+            for name in _SECTIONS
         }
 
     def to_yaml(self) -> str:
@@ -278,7 +313,6 @@ PRESETS: dict[str, Config] = {
     ),
 }
 
-_SECTIONS = ("model", "data", "train")
 
 
 def _suggest(name: str, options: Sequence[str]) -> str:
@@ -355,7 +389,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None, overr
 def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
     """Add ``--preset``, ``--config`` and positional ``section.key=value`` overrides to a CLI parser."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"starting preset (default: {default_preset}, or the config file's)")
-    parser.add_argument("--config", type=Path, default=None, help="YAML file with model/data/train sections")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file with model/data/objective/train sections")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. model.sharing=lowrank train.lr=3e-4")
 
 

@@ -98,3 +98,16 @@ def test_sections_validate_on_construction_and_are_frozen():
         DataConfig(crop_size=200)
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRESETS["paper"].model.dim = 1  # type: ignore[misc]
+
+
+def test_objective_section():
+    cfg = load_config("paper", overrides=["objective.negatives=64", "objective.sampling=uniform"])
+    assert (cfg.objective.negatives, cfg.objective.sampling, cfg.objective.mask_ratio) == (64, "uniform", 0.15)
+    with pytest.raises(ConfigError, match="objective.mask_random=0.1 is invalid: expected at most 1 - objective.mask_token = 0.05"):
+        load_config("paper", overrides=["objective.mask_token=0.95"])
+    with pytest.raises(ConfigError, match="objective.sampling='nearest'"):
+        load_config("paper", overrides=["objective.sampling=nearest"])
+    with pytest.raises(ConfigError, match="objective.cpp_input='multimodal' is invalid with model.fusion='late'"):
+        load_config("paper", overrides=["model.fusion=late", "objective.cpp_input=multimodal"])
+    with pytest.raises(ConfigError, match="objective.cpp_input='unimodal' is invalid with model.fusion='early'"):
+        load_config("paper", overrides=["model.fusion=early", "model.sharing=none", "objective.cpp_input=unimodal"])

@@ -165,8 +165,14 @@ class AVBert(nn.Module):
     def _with_bos(self, bos: Tensor, tokens: Tensor) -> Tensor:
         return torch.cat([bos.to(tokens.dtype).expand(tokens.shape[0], 1, -1), tokens], dim=1)
 
-    def encode(self, visual_tokens: Tensor, audio_tokens: Tensor, clip_mask: Tensor | None = None) -> EncoderOutput:
-        """Run the Transformers on clip tokens ``[B, T, D]`` (both modalities, same B and T)."""
+    def encode(
+        self, visual_tokens: Tensor, audio_tokens: Tensor, clip_mask: Tensor | None = None, audio_clip_mask: Tensor | None = None
+    ) -> EncoderOutput:
+        """Run the Transformers on clip tokens ``[B, T, D]`` (both modalities, same B and T).
+
+        ``clip_mask [B, T]`` marks the real clips; ``audio_clip_mask`` overrides it for the audio tokens (when
+        an objective pairs a video with another sample's audio).
+        """
         if visual_tokens.shape != audio_tokens.shape or visual_tokens.dim() != 3 or visual_tokens.shape[-1] != self.cfg.dim:
             raise ValueError(
                 f"visual and audio tokens must both be [B, T, {self.cfg.dim}], got {tuple(visual_tokens.shape)} and {tuple(audio_tokens.shape)}"
@@ -174,21 +180,26 @@ class AVBert(nn.Module):
         b, t, _ = visual_tokens.shape
         device = visual_tokens.device
         pos = torch.arange(t + 1, device=device)
-        key_mask = None
-        if clip_mask is not None:
-            key_mask = torch.cat([clip_mask.new_ones(b, 1), clip_mask], dim=1)  # BOS is always a real token
+        if audio_clip_mask is None:
+            audio_clip_mask = clip_mask
+        elif clip_mask is None:
+            clip_mask = torch.ones_like(audio_clip_mask)
+        v_mask = a_mask = None
+        if clip_mask is not None:  # BOS is always a real token
+            v_mask = torch.cat([clip_mask.new_ones(b, 1), clip_mask], dim=1)
+            a_mask = torch.cat([clip_mask.new_ones(b, 1), audio_clip_mask], dim=1)
         cache = RotationCache()  # R_m of the shared low-rank maps: materialised once for this whole forward
         v_seq = self._with_bos(self.visual_bos, visual_tokens)
         a_seq = self._with_bos(self.audio_bos, audio_tokens)
         y_v = y_a = m = None
         if "visual" in self.transformers:
-            y_v = self._run("visual", v_seq, pos, None, key_mask, cache)
-            y_a = self._run("audio", a_seq, pos, None, key_mask, cache)
+            y_v = self._run("visual", v_seq, pos, None, v_mask, cache)
+            y_a = self._run("audio", a_seq, pos, None, a_mask, cache)
         if "multimodal" in self.transformers:
             # mid fusion: the unimodal outputs; early fusion: the BOS-prefixed clip tokens themselves
             joint = torch.cat([y_v, y_a] if y_v is not None else [v_seq, a_seq], dim=1)
             types = torch.arange(2, device=device).repeat_interleave(t + 1)
-            joint_mask = None if key_mask is None else torch.cat([key_mask, key_mask], dim=1)
+            joint_mask = None if v_mask is None else torch.cat([v_mask, a_mask], dim=1)
             m = self._run("multimodal", joint, pos.repeat(2), types, joint_mask, cache)  # audio positions restart at 0
         return EncoderOutput(visual=y_v, audio=y_a, multimodal=m)
 
