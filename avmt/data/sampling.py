@@ -75,13 +75,14 @@ def plan_sequence(cfg: DataConfig, duration: float, native_fps: float, num_frame
     else:
         starts = np.full(t_clips, s0)
         window = (s0, s1)
+    audio_starts = np.round(starts * cfg.sample_rate).astype(np.int64)
+    starts = audio_starts / cfg.sample_rate  # snap clip starts to the audio sample grid: exact alignment
     vis_offset = (clip - cfg.frames / cfg.fps) / 2
     frame_times = starts[:, None] + vis_offset + np.arange(cfg.frames)[None, :] / cfg.fps
     indices = np.floor(frame_times * native_fps + 1e-6).astype(np.int64)
     # Clamp to the span's last frame: with the short rule (D < clip) frames past the end repeat it.
     last = min(num_frames - 1, max(0, math.ceil(s1 * native_fps - 1e-6) - 1))
     indices = np.clip(indices, 0, last)
-    audio_starts = np.round(starts * cfg.sample_rate).astype(np.int64)
     return SequencePlan(starts, frame_times, indices, audio_starts, int(round(clip * cfg.sample_rate)), window, short)
 
 
