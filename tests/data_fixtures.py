@@ -7,7 +7,6 @@ session-scoped fixtures through ``tmp_path_factory``.
 from __future__ import annotations
 
 import os
-import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def make_synth(out: Path, fmt: str, count: int = 4, seconds: float = 10.0, seed:
     spec = SynthSpec(seconds=seconds, size=SIZE, fps=FPS, sample_rate=SR, num_classes=3, format=fmt, seed=seed)
     generate(out, count, spec, workers=1, progress=False)
     for extra in ("labels.csv", "synth.json"):  # keep only class folders: every file there is an input
-        shutil.move(str(out / extra), str(out.parent / f"{out.name}_{extra}"))
+        (out / extra).unlink()
     return out
 
 

@@ -158,8 +158,8 @@ def prepare(items: list[Item], out: str | Path, sample_rate: int = 44100, min_se
             raise ValueError(f"input {it.path} is listed twice")
         seen.add(it.path)
         rec = previous.get(it.path)
-        st = _stat(it.path)
-        fresh = (rec is not None and rec.get("label") == it.label and st is not None and rec.get("size") == st[0]
+        st = _stat(it.path) or (None, None)  # an unreadable path stays done until it becomes readable
+        fresh = (rec is not None and rec.get("label") == it.label and rec.get("size") == st[0]
                  and rec.get("mtime_ns") == st[1] and rec.get("span") == [it.start, it.end]
                  and (rec.get("reason") is not None or Path(rec["audio"]).exists()))
         if fresh:
