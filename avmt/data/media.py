@@ -39,6 +39,10 @@ def read_frames(path: str | Path, indices: np.ndarray, fps: float, height: int |
     """
     import av
 
+    from av.video.reformatter import VideoReformatter
+
+    # One reformatter for the whole call: it caches the SwsContext (frame.to_ndarray builds one per frame, ~10x slower).
+    reformatter = VideoReformatter()
     want = np.asarray(indices, dtype=np.int64)
     order = np.unique(want)
     got: dict[int, np.ndarray] = {}
@@ -64,8 +68,7 @@ def read_frames(path: str | Path, indices: np.ndarray, fps: float, height: int |
                 img = None
                 while pos < len(order) and order[pos] <= idx:
                     if img is None:
-                        f = frame if height is None else frame.reformat(width=width, height=height)
-                        img = f.to_ndarray(format="rgb24")
+                        img = reformatter.reformat(frame, format="rgb24", width=width, height=height).to_ndarray()
                     got[int(order[pos])] = img
                     pos += 1
                 last = img if img is not None else last
