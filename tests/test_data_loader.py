@@ -188,6 +188,19 @@ def test_dali_replaces_unreadable_files(webm, caplog):
     assert 0 not in torch.cat([b["index"] for b in got]).tolist() and "gone.webm" in caplog.text
 
 
+def test_dali_gpu_graph_constructs_without_a_gpu(webm):
+    """The GPU graph (mixed decoder, GPU resize/crop) is defined and its operator arguments checked here;
+    only building it needs CUDA."""
+    from avmt.data.loader_dali import DALILoader
+
+    dl = DALILoader(webm, TEST_CFG, B, train=True, device_id=0)
+    pipe = dl.construct()
+    assert pipe.device_id == 0 and pipe.max_batch_size == B
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            pipe.build()
+
+
 @pytest.mark.gpu
 def test_dali_gpu_h264_decode(tmp_path_factory):
     """The GPU path: H.264 decoded by NVDEC, augmentation and log-mel on the GPU, no host copy of frames."""

@@ -91,7 +91,7 @@ class DALILoader:
         self.num_threads, self.prefetch, self.max_retries = num_threads, prefetch, max_retries
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.mel = MelSpec.for_clip(cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.mel_frames)
-        self.fbank = mel_filter_bank(self.mel.n_fft, cfg.sample_rate, cfg.n_mels, device=self.device)
+        self.fbank = mel_filter_bank(self.mel.n_fft, cfg.sample_rate, cfg.n_mels)  # moved to the device on first use
         self.failures = 0
         self.epoch = 0
         self._pipe = None
@@ -131,8 +131,9 @@ class DALILoader:
         raise RuntimeError(f"{self.max_retries} samples in a row failed to load, the last with {type(last_error).__name__}: {last_error}")
 
     # -- the DALI graph ----------------------------------------------------------------------------
-    def build(self) -> None:
-        """Construct and build the pipeline (also possible without running it, e.g. to check a GPU graph)."""
+    def construct(self) -> Any:
+        """Define the DALI graph and return the (unbuilt) pipeline. Needs no GPU even for ``device_id`` set,
+        so the GPU graph's operators and arguments are checked on any machine; :meth:`build` needs CUDA."""
         from nvidia.dali import fn, pipeline_def, types
 
         cfg = self.cfg
@@ -154,8 +155,14 @@ class DALILoader:
             return video, audio, label, index
 
         self._source = _Source(self, self.epoch)
-        self._pipe = graph()
-        self._pipe.build()
+        return graph()
+
+    def build(self) -> None:
+        """Construct and build the pipeline (done by the first iteration)."""
+        pipe = self.construct()
+        pipe.build()
+        self._pipe = pipe
+        self.fbank = self.fbank.to(self.device)
 
     def _to_torch(self, out: Any) -> torch.Tensor:
         t = out.as_tensor()
