@@ -202,6 +202,23 @@ def test_dali_gpu_graph_constructs_without_a_gpu(webm):
             pipe.build()
 
 
+def test_dali_survives_a_decode_error_inside_the_graph(webm, caplog):
+    from avmt.data.loader_dali import DALILoader
+
+    recs = load_manifest(webm)
+    fake = webm / "fake.webm"
+    fake.write_bytes(b"not a video at all " * 100)  # readable on the host, fails in fn.decoders.video
+    broken = recs[:2] + [dict(recs[2], path=str(fake))] + recs[3:]
+    dl = DALILoader(broken, TEST_CFG, B, train=False, device_id=None, prefetch=1)
+    with caplog.at_level(logging.WARNING, logger="avmt.data"):
+        got = list(dl)
+    loaded = torch.cat([b["index"] for b in got]).tolist()
+    assert 2 not in loaded and dl.failures >= 1 and "DALI batch failed" in caplog.text
+    assert sum(len(b["label"]) for b in got) + dl.failures == len(broken)
+    for b in got:
+        check_contract(b, TEST_CFG, len(b["label"]))
+
+
 @pytest.mark.gpu
 def test_dali_gpu_h264_decode(tmp_path_factory):
     """The GPU path: H.264 decoded by NVDEC, augmentation and log-mel on the GPU, no host copy of frames."""

@@ -21,8 +21,8 @@ DALI's CPU decoder (``device_id=None``) has no H.264 decoder in the PyPI wheel: 
 
 Failures: a sample whose bytes or audio cannot be read on the host is logged, counted and replaced by
 another manifest row before it enters the graph. A decode error inside DALI fails the whole batch: it is
-logged, the batch's samples are counted as failures, the pipeline is rebuilt and the next batch is
-returned in its place.
+logged, the batch (and any batch DALI had already prefetched) is dropped and its samples counted in
+``failures``, the pipeline is rebuilt and continues with the following batches, so that epoch is shorter.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class _Source:
     def __init__(self, loader: "DALILoader", start_epoch: int):
         self.loader = loader
         self.epoch = start_epoch
+        self.current_epoch = start_epoch
         self.batches: list[np.ndarray] = []
+        self.handed = 0  # samples handed to DALI so far (some may sit in its prefetch queue)
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
         L = self.loader
@@ -62,6 +64,7 @@ class _Source:
             self.current_epoch = self.epoch
             self.epoch += 1
         batch = self.batches.pop(0)
+        self.handed += len(batch)
         cols: tuple[list[np.ndarray], ...] = tuple([] for _ in range(8))
         for i in batch:
             sample = L.host_sample(int(i), self.current_epoch)
@@ -94,6 +97,7 @@ class DALILoader:
         self.fbank = mel_filter_bank(self.mel.n_fft, cfg.sample_rate, cfg.n_mels)  # moved to the device on first use
         self.failures = 0
         self.epoch = 0
+        self._returned = 0  # samples yielded to the caller
         self._pipe = None
         self._source: _Source | None = None
 
@@ -154,7 +158,8 @@ class DALILoader:
                 audio = audio.gpu()
             return video, audio, label, index
 
-        self._source = _Source(self, self.epoch)
+        if self._source is None:  # a rebuilt pipeline continues where the previous source stopped
+            self._source = _Source(self, self.epoch)
         return graph()
 
     def build(self) -> None:
@@ -183,15 +188,17 @@ class DALILoader:
                 video_o, audio_o, label_o, index_o = self._pipe.run()
             except StopIteration:
                 raise
-            except Exception as e:  # noqa: BLE001 -- a decode error inside DALI: count the batch, rebuild, go on
-                self.failures += self.batch_size
-                log.warning("DALI batch failed (%s: %s); %d sample(s) counted as failed, rebuilding the pipeline",
-                            type(e).__name__, e, self.batch_size)
+            except Exception as e:  # noqa: BLE001 -- a decode error inside DALI: count what is lost, rebuild, go on
+                lost = self._source.handed - self._returned  # the failed batch and any prefetched ones
+                self.failures += lost
+                self._returned = self._source.handed
+                log.warning("DALI batch failed (%s: %s); %d sample(s) dropped and counted as failed, rebuilding the pipeline",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "", lost)
                 self._pipe = None
-                self.epoch = self._source.epoch if self._source else self.epoch
                 self.build()
                 continue
             b = len(label_o)
+            self._returned += b
             video = self._to_torch(video_o)  # [B, 3, T*F, c, c]
             video = video.reshape(b, 3, cfg.num_clips, cfg.frames, cfg.crop_size, cfg.crop_size).permute(0, 2, 1, 3, 4, 5)
             wave = self._to_torch(audio_o).to(self.device)  # [B, T, N]
