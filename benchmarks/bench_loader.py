@@ -17,17 +17,17 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from avmt.config import PRESETS  # noqa: E402
-from avmt.data.loader_cpu import CPULoader  # noqa: E402
-from avmt.data.prepare import prepare, scan_root  # noqa: E402
-from avmt.data.synth import SynthSpec, generate  # noqa: E402
+from avmt.config import PRESETS
+from avmt.data.loader_cpu import CPULoader
+from avmt.data.prepare import prepare, scan_root
+from avmt.data.synth import SynthSpec, generate
 
 
 def main() -> None:
@@ -74,7 +74,7 @@ def main() -> None:
         "sequences": n_seq, "batch_size": a.batch_size, "workers": a.workers, "shape_video": [15, 3, 32, 112, 112],
         "shape_audio": [15, 1, 80, 128], "source": "synthetic H.264/AAC 256x256 25 fps 44.1 kHz", "quick": a.quick,
         "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
     }
     print(json.dumps(result))
     if a.json:

@@ -6,12 +6,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+from data_fixtures import SR, TEST_CFG, make_synth
 
 from avmt.data.loader_cpu import CPULoader, SequenceDataset, plan_sample
 from avmt.data.media import read_frames
 from avmt.data.prepare import load_manifest, prepare, scan_root
 from avmt.data.sampling import sample_rng
-from data_fixtures import SR, TEST_CFG, make_synth
 
 B = 2
 

@@ -5,10 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
+from data_fixtures import SR, make_bad_files, make_synth
 
 from avmt.data.media import read_audio
 from avmt.data.prepare import Item, load_manifest, main, prepare, scan_csv, scan_root
-from data_fixtures import SR, make_bad_files, make_synth
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_every_file_is_accounted_for_with_its_reason(mixed_root, tmp_path, capsy
 
 
 def test_rerun_redoes_only_changed_files(mixed_root, tmp_path):
-    root, expected = mixed_root
+    root, _ = mixed_root
     root2 = tmp_path / "root"
     shutil.copytree(root, root2, symlinks=True)
     out = tmp_path / "out"
@@ -89,8 +89,9 @@ def test_csv_input_with_spans(mixed_root, tmp_path):
 
 def test_extracted_audio_is_aligned_with_the_source(mixed_root, tmp_path):
     """The FLAC written by prepare lines up with the synthesised waveform (AAC priming removed)."""
-    from avmt.data.synth import SynthSpec, render
     from data_fixtures import FPS, SIZE
+
+    from avmt.data.synth import SynthSpec, render
 
     root, _ = mixed_root
     video = next((root / "class01_square").glob("*.mp4"))

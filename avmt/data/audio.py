@@ -58,7 +58,7 @@ class MelSpec:
     n_fft: int
 
     @classmethod
-    def for_clip(cls, sample_rate: int, clip_seconds: float, n_mels: int, mel_frames: int) -> "MelSpec":
+    def for_clip(cls, sample_rate: int, clip_seconds: float, n_mels: int, mel_frames: int) -> MelSpec:
         n = int(round(clip_seconds * sample_rate))
         if mel_frames < 2 or n < mel_frames:
             raise ValueError(f"cannot make {mel_frames} mel frames from {n} samples ({clip_seconds} s at {sample_rate} Hz)")

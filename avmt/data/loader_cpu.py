@@ -17,8 +17,9 @@ raises, naming the last error (a dataset that is mostly broken should stop the r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

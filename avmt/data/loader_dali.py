@@ -28,8 +28,9 @@ logged, the batch (and any batch DALI had already prefetched) is dropped and its
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ class _Source:
     Epoch ``e`` covers this shard's indices for ``e`` (shuffled in train mode) in batches of at most
     ``batch_size`` (the last one smaller)."""
 
-    def __init__(self, loader: "DALILoader", start_epoch: int):
+    def __init__(self, loader: DALILoader, start_epoch: int):
         self.loader = loader
         self.epoch = start_epoch
         self.current_epoch = start_epoch

@@ -38,7 +38,6 @@ def read_frames(path: str | Path, indices: np.ndarray, fps: float, height: int |
     ``round((pts - start_time) * time_base * fps)``. Indices past the last decodable frame repeat the last one.
     """
     import av
-
     from av.video.reformatter import VideoReformatter
 
     # One reformatter for the whole call: it caches the SwsContext (frame.to_ndarray builds one per frame, ~10x slower).
@@ -232,7 +231,7 @@ def probe_and_extract(path: str | Path, sample_rate: int, min_seconds: float) ->
             "fps": fps, "num_frames": n_packets, "width": width, "height": height, "video_codec": vs.codec_context.name,
             "audio_codec": ast.codec_context.name, "audio_streams": len(container.streams.audio),
             "source_sample_rate": src_rate, "source_channels": channels, "sample_rate": sample_rate,
-            "audio_samples": int(len(audio)),
+            "audio_samples": len(audio),
         }
     return meta, audio
 
