@@ -6,7 +6,6 @@ Every container is opened with ``with av.open(...)`` so it is closed even when d
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -235,6 +234,3 @@ def probe_and_extract(path: str | Path, sample_rate: int, min_seconds: float) ->
         }
     return meta, audio
 
-
-def frame_count_ok(meta: dict) -> bool:
-    return meta["num_frames"] > 0 and math.isfinite(meta["fps"])
