@@ -52,6 +52,14 @@ def make_bad_files(root: Path) -> dict[str, str]:
     p.write_bytes(data[: len(data) // 2])
     expected[str(p)] = "truncated"
 
+    full = bad / "full.webm"  # a cut webm still opens (header first) but its packets stop early
+    write_video(full, frames, audio, FPS, SR, "webm")
+    data = full.read_bytes()
+    full.unlink()
+    p = bad / "truncated.webm"
+    p.write_bytes(data[: len(data) * 4 // 10])
+    expected[str(p)] = "truncated"
+
     p = bad / "notes.mp4"
     p.write_text("this is a text file named like a video\n" * 20)
     expected[str(p)] = "not_a_video"
