@@ -1,0 +1,160 @@
+"""The CPU loader (PyAV + torch DataLoader workers): the fallback, and the reference for the DALI loader.
+
+Batch contract (both loaders):
+
+- ``video [B, T, 3, F, crop, crop]`` float32, RGB scaled to [0, 1] then normalised with ``MEAN``/``STD``
+  (0.45 / 0.225 per channel, as the released AVBERT code);
+- ``audio [B, T, 1, n_mels, mel_frames]`` float32 log-mel (:mod:`avmt.data.audio`), spec-augmented in train mode;
+- ``label [B]`` int64 (``label_index`` of the manifest), ``index [B]`` int64 (manifest row actually loaded);
+- ``failures [B]`` int64: how many samples failed and were replaced before this one loaded.
+
+T is fixed (the short-video rule in :mod:`avmt.data.sampling` never drops clips), so there is no ``clip_mask``.
+A sample that fails to load is logged (``logging`` warning with path and error), counted and replaced by
+another manifest row drawn from a seeded generator; after ``max_retries`` failures in a row the loader
+raises, naming the last error (a dataset that is mostly broken should stop the run, not spin).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from avmt.config import DataConfig
+from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
+from avmt.data.media import read_audio, read_frames
+from avmt.data.prepare import load_manifest
+from avmt.data.sampling import CropPlan, SequencePlan, plan_crop, plan_sequence, sample_rng, shard_indices
+
+log = logging.getLogger("avmt.data")
+
+MEAN = (0.45, 0.45, 0.45)
+STD = (0.225, 0.225, 0.225)
+
+
+def plan_sample(rec: dict, cfg: DataConfig, train: bool, rng: np.random.Generator | None) -> tuple[SequencePlan, CropPlan]:
+    """The sequence and crop plan of manifest record ``rec`` (the same in both loaders for the same rng)."""
+    seq = plan_sequence(cfg, rec["duration"], rec["fps"], rec["num_frames"], train, rng, (rec.get("start", 0.0), rec.get("end")))
+    crop = plan_crop(cfg, rec["height"], rec["width"], train, rng)
+    return seq, crop
+
+
+def load_audio_clips(rec: dict, plan: SequencePlan, sample_rate: int) -> np.ndarray:
+    """The T audio windows of ``plan`` from the record's FLAC: ``[T, audio_length]`` float32.
+
+    One seek + one contiguous read covering all windows, then slicing (clips of a sequence are close)."""
+    if rec["sample_rate"] != sample_rate:
+        raise ValueError(f"{rec['audio']} was prepared at {rec['sample_rate']} Hz but data.sample_rate={sample_rate}: re-run prepare")
+    lo = int(plan.audio_starts.min())
+    hi = int(plan.audio_starts.max()) + plan.audio_length
+    wave = read_audio(rec["audio"], lo, hi - lo)
+    return np.stack([wave[s - lo : s - lo + plan.audio_length] for s in plan.audio_starts])
+
+
+def transform_frames(frames: Tensor, crop: CropPlan, num_clips: int) -> Tensor:
+    """``frames [T*F, H, W, 3]`` uint8 -> ``[T, 3, F, crop, crop]`` float32 normalised.
+
+    Resize (bilinear, antialiased, on uint8 -- torch's fast path), crop, flip, then normalise."""
+    x = frames.permute(0, 3, 1, 2)  # [N, 3, H, W]
+    if tuple(x.shape[-2:]) != crop.size:
+        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=crop.size, mode="bilinear",
+                          antialias=True, align_corners=False)
+    x = x[:, :, crop.top : crop.top + crop.crop, crop.left : crop.left + crop.crop]
+    if crop.flip:
+        x = x.flip(-1)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    x = (x.float() - mean) / std
+    n = x.shape[0]
+    return x.reshape(num_clips, n // num_clips, 3, crop.crop, crop.crop).transpose(1, 2).contiguous()
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a prepared manifest; item ``i`` is one sequence dict (the batch contract
+    without the batch dimension). Randomness comes from ``sample_rng(seed, epoch, i, attempt)``, so a
+    sample is reproducible in any worker; call :meth:`set_epoch` between epochs."""
+
+    def __init__(self, manifest: str | Path | Sequence[dict], cfg: DataConfig, train: bool, seed: int = 0, max_retries: int = 10):
+        self.records = list(manifest) if not isinstance(manifest, (str, Path)) else load_manifest(manifest)
+        self.cfg, self.train, self.seed, self.max_retries = cfg, train, seed, max_retries
+        self.epoch = 0
+        self.mel = MelSpec.for_clip(cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.mel_frames)
+        self.fbank = mel_filter_bank(self.mel.n_fft, cfg.sample_rate, cfg.n_mels)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, i: int, rng: np.random.Generator | None) -> dict[str, Tensor]:
+        """Load row ``i`` (raises on any failure)."""
+        rec = self.records[i]
+        seq, crop = plan_sample(rec, self.cfg, self.train, rng)
+        frames = read_frames(rec["path"], seq.frame_indices.reshape(-1), rec["fps"])
+        video = transform_frames(torch.from_numpy(frames), crop, self.cfg.num_clips)
+        wave = torch.from_numpy(load_audio_clips(rec, seq, self.cfg.sample_rate))
+        audio = log_mel(wave, self.mel, self.fbank)
+        if self.train and self.cfg.spec_mask_rate > 0:
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            audio = spec_augment(audio, self.cfg.spec_mask_rate, gen)
+        return {"video": video, "audio": audio.unsqueeze(1), "label": torch.tensor(rec["label_index"], dtype=torch.int64),
+                "index": torch.tensor(i, dtype=torch.int64)}
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        idx, last_error = int(i), None
+        for attempt in range(self.max_retries):
+            rng = sample_rng(self.seed, self.epoch, int(i), attempt) if self.train else None
+            try:
+                out = self.load(idx, rng)
+                out["failures"] = torch.tensor(attempt, dtype=torch.int64)
+                return out
+            except Exception as e:  # noqa: BLE001 -- any per-file failure is logged, counted and replaced
+                last_error = e
+                log.warning("sample %d (%s) failed: %s: %s; replacing it", idx, self.records[idx]["path"], type(e).__name__, e)
+                idx = int(np.random.default_rng([self.seed, self.epoch, int(i), attempt, 1]).integers(len(self.records)))
+        raise RuntimeError(f"{self.max_retries} samples in a row failed to load, the last with {type(last_error).__name__}: {last_error}")
+
+
+class CPULoader:
+    """Batches of the contract above from PyAV decoding in ``num_workers`` DataLoader workers.
+
+    ``shard_id``/``num_shards`` split each epoch between DDP ranks (:func:`avmt.data.sampling.shard_indices`).
+    ``failures`` is the running count of replaced samples seen by this loader.
+    """
+
+    def __init__(self, manifest: str | Path | Sequence[dict], cfg: DataConfig, batch_size: int, train: bool, seed: int = 0,
+                 num_workers: int = 2, shard_id: int = 0, num_shards: int = 1, drop_last: bool = False, max_retries: int = 10):
+        self.dataset = SequenceDataset(manifest, cfg, train, seed, max_retries)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.num_workers, self.shard_id, self.num_shards, self.drop_last = num_workers, shard_id, num_shards, drop_last
+        self.epoch = 0
+        self.failures = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def indices(self) -> np.ndarray:
+        return shard_indices(len(self.dataset), self.epoch, self.seed, self.train, self.shard_id, self.num_shards)
+
+    def __len__(self) -> int:
+        n = len(self.indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dl = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.indices().tolist(), num_workers=self.num_workers,
+            drop_last=self.drop_last, persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+        for batch in dl:
+            n_fail = int(batch["failures"].sum())
+            if n_fail:
+                self.failures += n_fail
+                log.warning("%d sample(s) replaced in this batch (%d so far)", n_fail, self.failures)
+            yield batch

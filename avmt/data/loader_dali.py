@@ -1,0 +1,213 @@
+"""The DALI loader: video decoded by DALI (NVDEC on a GPU), spatial augmentation in the DALI graph,
+log-mel and SpecAugment as batched torch ops on the same device. Same batch contract as
+:mod:`avmt.data.loader_cpu` (see there), minus ``failures`` (counted on the loader instead).
+
+Graph (``device_id`` = a GPU index: decode ``mixed`` -> GPU; ``device_id=None``: everything on the CPU)::
+
+    external_source (host) -> encoded file bytes [n] uint8, frame indices [T*F] int32,
+                              resize (h, w), crop position, flip, audio windows [T, N] float32, label, index
+    fn.decoders.video(bytes, frames=indices)          -> [T*F, H, W, 3] uint8     (FHWC)
+    fn.resize(resize_y=h, resize_x=w, antialias)      -> [T*F, h, w, 3]
+    fn.crop_mirror_normalize(crop, pos, mirror, mean/std, output_layout=CFHW) -> [3, T*F, crop, crop] float32
+    torch: reshape to [T, 3, F, crop, crop]; log_mel(audio) (+ spec_augment in train) -> [T, 1, n_mels, mel_frames]
+
+The decoded frames never leave the device: DALI outputs are copied device-to-device into torch tensors
+(``feed_ndarray``). The host only reads the file bytes and the FLAC audio windows (a PyAV side-car:
+DALI's audio decoder decodes whole files, wasteful for long videos; the window is small). The sequence
+and crop plans come from the same functions and the same seeded generators as the CPU loader, so in
+eval mode both loaders return the same content up to decoder/resize differences.
+
+DALI's CPU decoder (``device_id=None``) has no H.264 decoder in the PyPI wheel: use VP9/webm there.
+
+Failures: a sample whose bytes or audio cannot be read on the host is logged, counted and replaced by
+another manifest row before it enters the graph. A decode error inside DALI fails the whole batch: it is
+logged, the batch (and any batch DALI had already prefetched) is dropped and its samples counted in
+``failures``, the pipeline is rebuilt and continues with the following batches, so that epoch is shorter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avmt.config import DataConfig
+from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
+from avmt.data.loader_cpu import MEAN, STD, load_audio_clips, plan_sample
+from avmt.data.prepare import load_manifest
+from avmt.data.sampling import sample_rng, shard_indices
+
+log = logging.getLogger("avmt.data")
+
+
+class _Source:
+    """Host side of the pipeline: yields per-batch lists for ``fn.external_source`` epoch after epoch.
+
+    Epoch ``e`` covers this shard's indices for ``e`` (shuffled in train mode) in batches of at most
+    ``batch_size`` (the last one smaller)."""
+
+    def __init__(self, loader: DALILoader, start_epoch: int):
+        self.loader = loader
+        self.epoch = start_epoch
+        self.current_epoch = start_epoch
+        self.batches: list[np.ndarray] = []
+        self.handed = 0  # samples handed to DALI so far (some may sit in its prefetch queue)
+
+    def __call__(self) -> tuple[list[np.ndarray], ...]:
+        L = self.loader
+        if not self.batches:
+            idx = L.indices(self.epoch)
+            self.batches = [idx[i : i + L.batch_size] for i in range(0, len(idx), L.batch_size)]
+            self.current_epoch = self.epoch
+            self.epoch += 1
+        batch = self.batches.pop(0)
+        self.handed += len(batch)
+        cols: tuple[list[np.ndarray], ...] = tuple([] for _ in range(8))
+        for i in batch:
+            sample = L.host_sample(int(i), self.current_epoch)
+            for c, v in zip(cols, sample):
+                c.append(v)
+        return cols
+
+
+class DALILoader:
+    """Iterate batches from a prepared manifest with a DALI pipeline (see the module docstring).
+
+    ``device_id``: CUDA device for decoding and augmentation, or None for DALI's CPU backend.
+    ``shard_id``/``num_shards``: DDP sharding as in :func:`avmt.data.sampling.shard_indices`.
+    ``len(loader)`` batches per epoch; epochs advance automatically, one per full iteration.
+    """
+
+    def __init__(self, manifest: str | Path | Sequence[dict], cfg: DataConfig, batch_size: int, train: bool, seed: int = 0,
+                 device_id: int | None = None, shard_id: int = 0, num_shards: int = 1, num_threads: int = 2,
+                 prefetch: int = 2, max_retries: int = 10):
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as e:
+            raise ImportError("the DALI loader needs nvidia-dali-cuda130: pip install 'avmt[dali]'") from e
+        self.records = list(manifest) if not isinstance(manifest, (str, Path)) else load_manifest(manifest)
+        self.cfg, self.batch_size, self.train, self.seed = cfg, batch_size, train, seed
+        self.device_id, self.shard_id, self.num_shards = device_id, shard_id, num_shards
+        self.num_threads, self.prefetch, self.max_retries = num_threads, prefetch, max_retries
+        self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+        self.mel = MelSpec.for_clip(cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.mel_frames)
+        self.fbank = mel_filter_bank(self.mel.n_fft, cfg.sample_rate, cfg.n_mels)  # moved to the device on first use
+        self.failures = 0
+        self.epoch = 0
+        self._returned = 0  # samples yielded to the caller
+        self._pipe = None
+        self._source: _Source | None = None
+
+    # -- host side ---------------------------------------------------------------------------------
+    def indices(self, epoch: int) -> np.ndarray:
+        return shard_indices(len(self.records), epoch, self.seed, self.train, self.shard_id, self.num_shards)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices(0)) // self.batch_size)
+
+    def host_sample(self, i: int, epoch: int) -> tuple[np.ndarray, ...]:
+        """Everything the graph needs for row ``i``, replacing failing rows (logged and counted)."""
+        idx, last_error = i, None
+        for attempt in range(self.max_retries):
+            rng = sample_rng(self.seed, epoch, i, attempt) if self.train else None
+            rec = self.records[idx]
+            try:
+                seq, crop = plan_sample(rec, self.cfg, self.train, rng)
+                data = np.fromfile(rec["path"], dtype=np.uint8)
+                if data.size == 0:
+                    raise ValueError("empty file")
+                audio = load_audio_clips(rec, seq, self.cfg.sample_rate)
+                aug_seed = int(rng.integers(2**62)) if rng is not None else 0
+                h, w = crop.size
+                pos_y = crop.top / (h - crop.crop) if h > crop.crop else 0.0
+                pos_x = crop.left / (w - crop.crop) if w > crop.crop else 0.0
+                return (data, seq.frame_indices.reshape(-1).astype(np.int32), np.array([h, w], np.float32),
+                        np.array([pos_y, pos_x], np.float32), np.array(int(crop.flip), np.int32), audio,
+                        np.array(rec["label_index"], np.int64), np.array([idx, aug_seed], np.int64))
+            except Exception as e:  # noqa: BLE001 -- logged, counted, replaced
+                last_error = e
+                self.failures += 1
+                log.warning("sample %d (%s) failed on the host: %s: %s; replacing it", idx, rec["path"], type(e).__name__, e)
+                idx = int(np.random.default_rng([self.seed, epoch, i, attempt, 1]).integers(len(self.records)))
+        raise RuntimeError(f"{self.max_retries} samples in a row failed to load, the last with {type(last_error).__name__}: {last_error}")
+
+    # -- the DALI graph ----------------------------------------------------------------------------
+    def construct(self) -> Any:
+        """Define the DALI graph and return the (unbuilt) pipeline. Needs no GPU even for ``device_id`` set,
+        so the GPU graph's operators and arguments are checked on any machine; :meth:`build` needs CUDA."""
+        from nvidia.dali import fn, pipeline_def, types
+
+        cfg = self.cfg
+        gpu = self.device_id is not None
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                      prefetch_queue_depth=self.prefetch, seed=self.seed, exec_dynamic=True)
+        def graph():
+            enc, frames, size, pos, flip, audio, label, index = fn.external_source(
+                source=self._source, num_outputs=8, batch=True, parallel=False,
+                layout=[None, None, None, None, None, None, None, None])
+            video = fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=frames)  # FHWC uint8
+            video = fn.resize(video, resize_y=size[0], resize_x=size[1], interp_type=types.INTERP_LINEAR, antialias=True)
+            video = fn.crop_mirror_normalize(
+                video, crop_h=cfg.crop_size, crop_w=cfg.crop_size, crop_pos_y=pos[0], crop_pos_x=pos[1], mirror=flip,
+                mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD], dtype=types.FLOAT, output_layout="CFHW")
+            if gpu:
+                audio = audio.gpu()
+            return video, audio, label, index
+
+        if self._source is None:  # a rebuilt pipeline continues where the previous source stopped
+            self._source = _Source(self, self.epoch)
+        return graph()
+
+    def build(self) -> None:
+        """Construct and build the pipeline (done by the first iteration)."""
+        pipe = self.construct()
+        pipe.build()
+        self._pipe = pipe
+        self.fbank = self.fbank.to(self.device)
+
+    def _to_torch(self, out: Any) -> torch.Tensor:
+        t = out.as_tensor()
+        if self.device_id is None:
+            return torch.from_numpy(np.array(t))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dst = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+        feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
+        return dst
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._pipe is None:
+            self.build()
+        cfg = self.cfg
+        for _ in range(len(self)):
+            try:
+                video_o, audio_o, label_o, index_o = self._pipe.run()
+            except StopIteration:
+                raise
+            except Exception as e:  # noqa: BLE001 -- a decode error inside DALI: count what is lost, rebuild, go on
+                lost = self._source.handed - self._returned  # the failed batch and any prefetched ones
+                self.failures += lost
+                self._returned = self._source.handed
+                log.warning("DALI batch failed (%s: %s); %d sample(s) dropped and counted as failed, rebuilding the pipeline",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "", lost)
+                self._pipe = None
+                self.build()
+                continue
+            b = len(label_o)
+            self._returned += b
+            video = self._to_torch(video_o)  # [B, 3, T*F, c, c]
+            video = video.reshape(b, 3, cfg.num_clips, cfg.frames, cfg.crop_size, cfg.crop_size).permute(0, 2, 1, 3, 4, 5)
+            wave = self._to_torch(audio_o).to(self.device)  # [B, T, N]
+            audio = log_mel(wave, self.mel, self.fbank)
+            idx_seed = np.array(index_o.as_tensor())
+            if self.train and cfg.spec_mask_rate > 0:
+                gen = torch.Generator().manual_seed(int(idx_seed[:, 1].sum() % (2**62)))
+                audio = spec_augment(audio, cfg.spec_mask_rate, gen)
+            yield {"video": video.contiguous(), "audio": audio.unsqueeze(2),
+                   "label": torch.from_numpy(np.array(label_o.as_tensor())).reshape(b),
+                   "index": torch.from_numpy(idx_seed[:, 0].copy())}

@@ -1,0 +1,238 @@
+"""PyAV helpers shared by ``prepare`` and the CPU loader: probing, windowed frame decoding, FLAC I/O.
+
+Every container is opened with ``with av.open(...)`` so it is closed even when decoding fails
+(FFmpeg contexts hold native memory that the garbage collector does not see).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+
+class MediaError(Exception):
+    """A media file cannot be used; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _stream_seconds(stream, container_duration: float | None) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return container_duration
+
+
+def read_frames(path: str | Path, indices: np.ndarray, fps: float, height: int | None = None, width: int | None = None,
+                seek_gap_seconds: float = 2.0) -> np.ndarray:
+    """Decode the frames with native indices ``indices`` (int, any order, repeats allowed) of a constant-frame-rate
+    video into ``[len(indices), H, W, 3]`` uint8 RGB, optionally rescaled by FFmpeg to ``height x width``.
+
+    Only the needed parts are decoded: the decoder seeks to the keyframe before each group of wanted frames
+    and skips forward when the next wanted frame is less than ``seek_gap_seconds`` ahead. A frame's index is
+    ``round((pts - start_time) * time_base * fps)``. Indices past the last decodable frame repeat the last one.
+    """
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    # One reformatter for the whole call: it caches the SwsContext (frame.to_ndarray builds one per frame, ~10x slower).
+    reformatter = VideoReformatter()
+    want = np.asarray(indices, dtype=np.int64)
+    order = np.unique(want)
+    got: dict[int, np.ndarray] = {}
+    last: np.ndarray | None = None
+    with av.open(str(path)) as container:
+        vs = container.streams.video[0]
+        vs.thread_type = "AUTO"
+        tb = vs.time_base
+        start = vs.start_time or 0
+        pos = 0  # next position in ``order`` to fill
+        while pos < len(order):
+            target = int(order[pos])
+            container.seek(start + int(target / fps / tb), stream=vs, backward=True, any_frame=False)
+            reseek = False
+            for frame in container.decode(vs):
+                if frame.pts is None:
+                    continue
+                idx = int(round(float((frame.pts - start) * tb) * fps))
+                if idx < target and (target - idx) / fps > seek_gap_seconds + 1.0:
+                    continue  # landed far before the target (sparse keyframes): keep decoding forward
+                if idx < order[pos]:
+                    continue
+                img = None
+                while pos < len(order) and order[pos] <= idx:
+                    if img is None:
+                        img = reformatter.reformat(frame, format="rgb24", width=width, height=height).to_ndarray()
+                    got[int(order[pos])] = img
+                    pos += 1
+                last = img if img is not None else last
+                if pos >= len(order):
+                    break
+                if (order[pos] - idx) / fps > seek_gap_seconds:
+                    reseek = True  # far ahead: a seek is cheaper than decoding the gap
+                    break
+            if not reseek:
+                break  # end of stream
+        if last is None and not got:
+            raise MediaError("undecodable", f"no frame could be decoded from {path}")
+        fill = got[max(got)] if got else last
+        for i in order[pos:]:
+            got[int(i)] = fill
+    return np.stack([got[int(i)] for i in want])
+
+
+def read_audio(path: str | Path, start: int, length: int) -> np.ndarray:
+    """Mono samples ``[start, start + length)`` of an audio file (the prepared FLAC) as float32 ``[length]``;
+    samples outside the file are zeros. Seeks to ``start``, never decodes the whole file."""
+    import av
+
+    out = np.zeros(length, np.float32)
+    end = start + length
+    with av.open(str(path)) as container:
+        st = container.streams.audio[0]
+        sr = st.codec_context.sample_rate
+        tb = st.time_base
+        if start > 0:
+            container.seek(int(start / sr / tb), stream=st, backward=True, any_frame=False)
+        for frame in container.decode(st):
+            f0 = int(round(float(frame.pts * tb) * sr)) if frame.pts is not None else 0
+            data = frame.to_ndarray()
+            if data.dtype.kind == "i":
+                data = data.astype(np.float32) / float(np.iinfo(data.dtype).max + 1)
+            data = data.reshape(-1) if data.shape[0] == 1 else data.mean(axis=0)  # packed mono or planar
+            f1 = f0 + len(data)
+            if f1 <= start:
+                continue
+            a, b = max(f0, start), min(f1, end)
+            if a < b:
+                out[a - start : b - start] = data[a - f0 : b - f0]
+            if f1 >= end:
+                break
+    return out
+
+
+def write_flac(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write mono float32 ``samples`` in [-1, 1] as 16-bit FLAC."""
+    import av
+
+    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
+    with av.open(str(path), "w", format="flac") as c:
+        st = c.add_stream("flac", rate=sample_rate, layout="mono")
+        st.codec_context.format = "s16"
+        for s in range(0, len(pcm), 65536):
+            fr = av.AudioFrame.from_ndarray(pcm[None, s : s + 65536], format="s16", layout="mono")
+            fr.sample_rate = sample_rate
+            fr.pts = s
+            fr.time_base = Fraction(1, sample_rate)
+            for p in st.encode(fr):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+
+
+SIGNATURES = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba")
+
+
+def probe_and_extract(path: str | Path, sample_rate: int, min_seconds: float) -> tuple[dict, np.ndarray]:
+    """Check that ``path`` is a usable video with sound and return (metadata, mono audio at ``sample_rate``).
+
+    Raises :class:`MediaError` with reason ``empty``, ``unreadable``, ``not_a_video``, ``truncated``,
+    ``no_audio``, ``undecodable`` or ``too_short``. The audio is aligned so that sample 0 is at the video
+    stream's first timestamp (leading gap zero-padded, earlier samples dropped).
+    """
+    import av
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(12)
+    except OSError as e:
+        raise MediaError("unreadable", f"{e.strerror or e}") from None
+    if size == 0:
+        raise MediaError("empty", "zero-byte file")
+    try:
+        container = av.open(str(p))
+    except av.FFmpegError as e:
+        known = any(sig in head[:12] for sig in SIGNATURES)
+        raise MediaError("truncated" if known else "not_a_video",
+                         f"cannot open as media ({e}); " + ("the header is a known container, so the file is cut or damaged" if known else "no known container header")) from None
+    with container:
+        if not container.streams.video:
+            raise MediaError("not_a_video", "no video stream")
+        if not container.streams.audio:
+            raise MediaError("no_audio", "no audio stream")
+        vs = container.streams.video[0]
+        ast = container.streams.audio[0]
+        cdur = container.duration / 1e6 if container.duration else None
+        rate = vs.average_rate or vs.guessed_rate
+        if not rate:
+            raise MediaError("undecodable", "video stream has no frame rate")
+        fps = float(rate)
+        # Count frames and find the real end from the packets (cheap: no decoding).
+        n_packets, last_end = 0, 0.0
+        vstart = vs.start_time or 0
+        try:
+            for pkt in container.demux(vs):
+                if pkt.size == 0 or pkt.pts is None:
+                    continue
+                n_packets += 1
+                last_end = max(last_end, float((pkt.pts - vstart + (pkt.duration or 0)) * vs.time_base))
+        except av.FFmpegError as e:
+            raise MediaError("truncated", f"demuxing stopped at {last_end:.2f} s: {e}") from None
+        # Lenient on purpose: container durations often include a longer audio track. A file cut near its
+        # end passes and is kept with the duration of the packets it really has.
+        declared = _stream_seconds(vs, cdur)
+        if declared and last_end < 0.9 * declared - 1.0:
+            raise MediaError("truncated", f"video packets end at {last_end:.2f} s but the header says {declared:.2f} s")
+        # Decode the first frames and the last second: catches undecodable codecs and damaged tails.
+        container.seek(0)
+        ok = 0
+        try:
+            for fr in container.decode(vs):
+                ok += 1
+                if ok >= 2:
+                    break
+        except av.FFmpegError as e:
+            raise MediaError("undecodable", f"video codec {vs.codec_context.name!r}: {e}") from None
+        if ok == 0:
+            raise MediaError("undecodable", f"video codec {vs.codec_context.name!r}: no frame decoded")
+        width, height = vs.codec_context.width, vs.codec_context.height
+        channels = ast.codec_context.channels
+        src_rate = ast.codec_context.sample_rate
+        container.seek(0)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        chunks, first_pts = [], None
+        try:
+            for fr in container.decode(ast):
+                if first_pts is None and fr.pts is not None:
+                    first_pts = float(fr.pts * fr.time_base)
+                for r in resampler.resample(fr):
+                    chunks.append(r.to_ndarray().reshape(-1))
+            for r in resampler.resample(None):
+                chunks.append(r.to_ndarray().reshape(-1))
+        except av.FFmpegError as e:
+            raise MediaError("undecodable", f"audio codec {ast.codec_context.name!r}: {e}") from None
+        audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        if audio.size == 0:
+            raise MediaError("undecodable", f"audio codec {ast.codec_context.name!r}: no samples decoded")
+        shift = int(round(((first_pts or 0.0) - float(vstart * vs.time_base)) * sample_rate))
+        audio = np.concatenate([np.zeros(shift, np.float32), audio]) if shift > 0 else audio[-shift:]
+        video_seconds = n_packets / fps
+        audio_seconds = len(audio) / sample_rate
+        duration = min(video_seconds, audio_seconds)
+        if duration < min_seconds:
+            raise MediaError("too_short", f"{duration:.2f} s < minimum {min_seconds:g} s")
+        meta = {
+            "duration": round(duration, 6), "video_seconds": round(video_seconds, 6), "audio_seconds": round(audio_seconds, 6),
+            "fps": fps, "num_frames": n_packets, "width": width, "height": height, "video_codec": vs.codec_context.name,
+            "audio_codec": ast.codec_context.name, "audio_streams": len(container.streams.audio),
+            "source_sample_rate": src_rate, "source_channels": channels, "sample_rate": sample_rate,
+            "audio_samples": len(audio),
+        }
+    return meta, audio
+

@@ -1,0 +1,240 @@
+"""Prepare a folder of videos for training: probe every file, extract its audio, record kept and rejected files.
+
+``python -m avmt.data.prepare (--root DIR | --csv FILE) --out OUT [--sample-rate 44100] [--min-seconds 2]
+[--workers 2]``
+
+- ``--root DIR``: every file under ``DIR/<label>/`` (any depth below the class folder) is an input; files
+  directly in ``DIR`` are rejected with reason ``no_label``.
+- ``--csv FILE``: rows ``path,label[,start,end]`` (a header row starting with ``path`` is skipped; relative
+  paths are relative to the CSV's folder). ``start``/``end`` (seconds) restrict the usable span.
+
+Outputs in ``OUT``: ``manifest.jsonl`` (one JSON object per kept file: ``id``, ``path``, ``label``,
+``label_index``, ``audio`` = the mono 16-bit FLAC at the target rate under ``OUT/audio/``, ``start``/``end``
+of the usable span and the probe metadata from :func:`avmt.data.media.probe_and_extract`), ``rejected.jsonl``
+(``path``, ``label``, ``reason``, ``detail``) and ``labels.json`` (label -> index, sorted names). Every input
+ends in exactly one of the two files. Reasons: ``empty``, ``unreadable``, ``not_a_video``, ``truncated``,
+``no_audio``, ``undecodable``, ``too_short``, ``no_label``, ``bad_span``, ``error`` (anything unexpected).
+
+Resumable: results are appended as they finish; a re-run keeps every record whose file size and mtime
+are unchanged (and whose FLAC exists) and only processes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avmt.data.media import MediaError, probe_and_extract, write_flac
+
+REASONS = ("empty", "unreadable", "not_a_video", "truncated", "no_audio", "undecodable", "too_short", "no_label", "bad_span", "error")
+
+
+@dataclass
+class Item:
+    """One input file: its path (as given), label and optional usable span in seconds."""
+
+    path: str
+    label: str | None
+    start: float | None = None
+    end: float | None = None
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    kept: int = 0
+    rejected: int = 0
+    processed: int = 0  # files probed in this run (the rest were already done)
+    skipped: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def scan_root(root: str | Path) -> list[Item]:
+    """Every file under ``root``; the first folder level below ``root`` is the label."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--root {root} is not a directory")
+    items = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            items.append(Item(str(Path(dirpath) / name), rel.parts[0] if rel.parts else None))
+    return items
+
+
+def scan_csv(csv_path: str | Path) -> list[Item]:
+    """Rows ``path,label[,start,end]`` of a CSV file."""
+    csv_path = Path(csv_path)
+    items = []
+    with open(csv_path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or (n == 1 and row[0].strip().lower() == "path"):
+                continue
+            if len(row) not in (2, 4):
+                raise ValueError(f"{csv_path}:{n}: expected path,label[,start,end], got {len(row)} columns: {row}")
+            p = Path(row[0].strip())
+            p = p if p.is_absolute() else csv_path.parent / p
+            start, end = (float(row[2]), float(row[3])) if len(row) == 4 and row[2].strip() else (None, None)
+            items.append(Item(str(p), row[1].strip() or None, start, end))
+    return items
+
+
+def _file_key(path: str) -> str:
+    return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None
+
+
+def _process(args: tuple[Item, str, int, float]) -> dict:
+    """Probe one file and write its FLAC; returns a kept record (``reason`` None) or a rejected one."""
+    item, out, sample_rate, min_seconds = args
+    st = _stat(item.path)
+    base = {"path": item.path, "label": item.label, "span": [item.start, item.end], "size": st[0] if st else None, "mtime_ns": st[1] if st else None}
+    if item.label is None:
+        return base | {"reason": "no_label", "detail": "file is not inside a class folder and has no CSV label"}
+    try:
+        meta, audio = probe_and_extract(item.path, sample_rate, min_seconds)
+        start = item.start or 0.0
+        end = min(item.end, meta["duration"]) if item.end is not None else meta["duration"]
+        if not 0 <= start < end or end - start < min_seconds:
+            return base | {"reason": "bad_span", "detail": f"span [{item.start}, {item.end}] gives {max(0.0, end - start):.2f} s usable out of {meta['duration']:.2f} s (minimum {min_seconds:g} s)"}
+        key = _file_key(item.path)
+        flac = Path(out) / "audio" / f"{key}.flac"
+        tmp = flac.with_name(flac.name + ".part.flac")
+        write_flac(tmp, audio, sample_rate)
+        os.replace(tmp, flac)
+        return base | {"reason": None, "id": key, "audio": str(flac), "start": start, "end": end, **meta}
+    except MediaError as e:
+        return base | {"reason": e.reason, "detail": e.detail}
+    except Exception as e:  # noqa: BLE001 -- any other failure is recorded, never crashes the whole run
+        return base | {"reason": "error", "detail": f"{type(e).__name__}: {e}"}
+
+
+def _load(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by an interrupted run: that file is simply processed again
+    return out
+
+
+def prepare(items: list[Item], out: str | Path, sample_rate: int = 44100, min_seconds: float = 2.0, workers: int = 1,
+            progress: bool = True) -> Summary:
+    """Process ``items`` into ``out`` (see the module docstring); returns the counts of this run."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    man_path, rej_path = out / "manifest.jsonl", out / "rejected.jsonl"
+    previous: dict[str, dict] = {}
+    for rec in _load(man_path) + _load(rej_path):
+        previous[rec["path"]] = rec
+    summary = Summary(total=len(items))
+    done: dict[str, dict] = {}
+    todo: list[Item] = []
+    seen: set[str] = set()
+    for it in items:
+        if it.path in seen:
+            raise ValueError(f"input {it.path} is listed twice")
+        seen.add(it.path)
+        rec = previous.get(it.path)
+        st = _stat(it.path) or (None, None)  # an unreadable path stays done until it becomes readable
+        fresh = (rec is not None and rec.get("label") == it.label and rec.get("size") == st[0]
+                 and rec.get("mtime_ns") == st[1] and rec.get("span") == [it.start, it.end]
+                 and (rec.get("reason") is not None or Path(rec["audio"]).exists()))
+        if fresh:
+            done[it.path] = rec
+        else:
+            todo.append(it)
+    summary.skipped = len(done)
+    jobs = [(it, str(out), sample_rate, min_seconds) for it in todo]
+    bar = tqdm(total=len(items), initial=len(done), desc="prepare", unit="file", disable=not progress)
+    with open(man_path, "a") as fm, open(rej_path, "a") as fr:
+        def record(rec: dict) -> None:
+            done[rec["path"]] = rec
+            (fr if rec.get("reason") else fm).write(json.dumps(rec) + "\n")
+            (fr if rec.get("reason") else fm).flush()
+            summary.processed += 1
+            bar.update()
+
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for rec in pool.map(_process, jobs, chunksize=1):
+                    record(rec)
+        else:
+            for j in jobs:
+                record(_process(j))
+    bar.close()
+    # Rewrite both files in input order, one record per input, and the label table.
+    labels = sorted({r["label"] for r in done.values() if r.get("reason") is None})
+    index = {name: i for i, name in enumerate(labels)}
+    kept = [done[it.path] | {"label_index": index[done[it.path]["label"]]} for it in items if done[it.path].get("reason") is None]
+    rejected = [done[it.path] for it in items if done[it.path].get("reason") is not None]
+    for path, recs in ((man_path, kept), (rej_path, rejected)):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "reason"} if r.get("reason") is None else r) + "\n" for r in recs))
+        os.replace(tmp, path)
+    (out / "labels.json").write_text(json.dumps(index, indent=1))
+    summary.kept, summary.rejected = len(kept), len(rejected)
+    for r in rejected:
+        summary.reasons[r.get("reason")] = summary.reasons.get(r.get("reason"), 0) + 1
+    return summary
+
+
+def load_manifest(path: str | Path) -> list[dict]:
+    """The kept records of a ``manifest.jsonl`` (or of the folder holding it)."""
+    p = Path(path)
+    p = p / "manifest.jsonl" if p.is_dir() else p
+    if not p.exists():
+        raise FileNotFoundError(f"manifest {p} does not exist: run python -m avmt.data.prepare first")
+    recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    if not recs:
+        raise ValueError(f"manifest {p} holds no usable video")
+    return recs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m avmt.data.prepare", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--root", type=Path, help="folder with one sub-folder per class")
+    src.add_argument("--csv", type=Path, help="CSV with path,label[,start,end]")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sample-rate", type=int, default=44100)
+    p.add_argument("--min-seconds", type=float, default=2.0, help="shorter files are rejected (default: one paper clip)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        items = scan_root(a.root) if a.root else scan_csv(a.csv)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, progress=not a.quiet)
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.reasons.items())) or "none"
+    print(f"{s.total} files: {s.kept} kept, {s.rejected} rejected ({reasons}); processed {s.processed}, "
+          f"already done {s.skipped}; manifest {a.out / 'manifest.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
