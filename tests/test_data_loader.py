@@ -11,7 +11,7 @@ from data_fixtures import SR, TEST_CFG, make_synth
 from avmt.data.loader_cpu import CPULoader, SequenceDataset, plan_sample
 from avmt.data.media import read_frames
 from avmt.data.prepare import load_manifest, prepare, scan_root
-from avmt.data.sampling import sample_rng
+from avmt.data.clips import sample_rng
 
 B = 2
 

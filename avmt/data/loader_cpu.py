@@ -8,7 +8,7 @@ Batch contract (both loaders):
 - ``label [B]`` int64 (``label_index`` of the manifest), ``index [B]`` int64 (manifest row actually loaded);
 - ``failures [B]`` int64: how many samples failed and were replaced before this one loaded.
 
-T is fixed (the short-video rule in :mod:`avmt.data.sampling` never drops clips), so there is no ``clip_mask``.
+T is fixed (the short-video rule in :mod:`avmt.data.clips` never drops clips), so there is no ``clip_mask``.
 A sample that fails to load is logged (``logging`` warning with path and error), counted and replaced by
 another manifest row drawn from a seeded generator; after ``max_retries`` failures in a row the loader
 raises, naming the last error (a dataset that is mostly broken should stop the run, not spin).
@@ -30,7 +30,7 @@ from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
 from avmt.data.media import read_audio, read_frames
 from avmt.data.prepare import load_manifest
-from avmt.data.sampling import CropPlan, SequencePlan, plan_crop, plan_sequence, sample_rng, shard_indices
+from avmt.data.clips import CropPlan, SequencePlan, plan_crop, plan_sequence, sample_rng, shard_indices
 
 log = logging.getLogger("avmt.data")
 
@@ -125,7 +125,7 @@ class SequenceDataset(torch.utils.data.Dataset):
 class CPULoader:
     """Batches of the contract above from PyAV decoding in ``num_workers`` DataLoader workers.
 
-    ``shard_id``/``num_shards`` split each epoch between DDP ranks (:func:`avmt.data.sampling.shard_indices`).
+    ``shard_id``/``num_shards`` split each epoch between DDP ranks (:func:`avmt.data.clips.shard_indices`).
     ``failures`` is the running count of replaced samples seen by this loader.
     """
 

@@ -39,7 +39,7 @@ from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
 from avmt.data.loader_cpu import MEAN, STD, load_audio_clips, plan_sample
 from avmt.data.prepare import load_manifest
-from avmt.data.sampling import sample_rng, shard_indices
+from avmt.data.clips import sample_rng, shard_indices
 
 log = logging.getLogger("avmt.data")
 
@@ -78,7 +78,7 @@ class DALILoader:
     """Iterate batches from a prepared manifest with a DALI pipeline (see the module docstring).
 
     ``device_id``: CUDA device for decoding and augmentation, or None for DALI's CPU backend.
-    ``shard_id``/``num_shards``: DDP sharding as in :func:`avmt.data.sampling.shard_indices`.
+    ``shard_id``/``num_shards``: DDP sharding as in :func:`avmt.data.clips.shard_indices`.
     ``len(loader)`` batches per epoch; epochs advance automatically, one per full iteration.
     """
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from avmt.config import PRESETS
-from avmt.data.sampling import plan_crop, plan_sequence, shard_indices
+from avmt.data.clips import plan_crop, plan_sequence, shard_indices
 
 CFG = PRESETS["paper"].data  # 15 clips x 32 frames at 16 fps, 2 s clips, 30 s window, 44.1 kHz
 
