@@ -181,6 +181,8 @@ class DataConfig(_Section):
     n_mels: int = _field(80, POSITIVE)
     mel_frames: int = _field(128, POSITIVE)  # log-mel frames per clip window
     spec_mask_rate: float = _field(0.05, PROBABILITY)  # max width of frequency/time masks, as a fraction
+    manifest: str = ""  # a prepared manifest.jsonl (python -m avmt.data.prepare); "" = the synthetic dataset
+    num_workers: int = _field(2, NON_NEGATIVE)  # CPU loader worker processes
 
     def _check(self) -> None:
         self._require(
@@ -244,6 +246,13 @@ class TrainConfig(_Section):
     max_steps: int = _field(220_000, POSITIVE)
     grad_clip: float = _field(1.0, NON_NEGATIVE)  # max global grad norm; 0 disables clipping
     grad_accum: int = _field(1, POSITIVE)
+    min_lr_ratio: float = _field(0.1, (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"))  # cosine floor, x lr
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute Transformer layers in backward (less memory)
+    run_dir: str = "runs/avmt"  # checkpoints, metrics.jsonl, TensorBoard events
+    log_every: int = _field(10, POSITIVE)
+    save_every: int = _field(500, POSITIVE)
+    max_nonfinite: int = _field(20, POSITIVE)  # consecutive non-finite losses before the run stops
     seed: int = 0
 
 
@@ -309,7 +318,7 @@ PRESETS: dict[str, Config] = {
             num_clips=4, window_seconds=8.0, frames=4, fps=4.0, crop_size=32, scale_range=(36, 44),
             sample_rate=16000, n_mels=32, mel_frames=32,
         ),
-        train=TrainConfig(batch_size=4, lr=1e-3, warmup_steps=20, max_steps=300),
+        train=TrainConfig(batch_size=8, lr=1e-3, warmup_steps=100, max_steps=1500),
     ),
 }
 

@@ -149,9 +149,16 @@ class CPULoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.iterate()
+
+    def iterate(self, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+        """The epoch's batches from batch ``start_batch`` on (resuming mid-epoch decodes nothing it skips)."""
         dl = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.indices().tolist(), num_workers=self.num_workers,
-            drop_last=self.drop_last, persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+            self.dataset, batch_size=self.batch_size, sampler=self.indices()[start_batch * self.batch_size :].tolist(), num_workers=self.num_workers,
+            drop_last=self.drop_last, persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+            # own generator: a DataLoader draws its base seed from the global RNG otherwise, which would shift the
+            # model's dropout stream and break exact resumption (per-sample randomness comes from sample_rng)
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         for batch in dl:
             n_fail = int(batch["failures"].sum())
             if n_fail:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from avmt.config import ModelConfig
 from avmt.models.cnn import AudioResNet, VisualResNet
@@ -101,6 +102,7 @@ class AVBert(nn.Module):
         self.visual_bos = nn.Parameter(torch.randn(d) * cfg.init_std)
         self.audio_bos = nn.Parameter(torch.randn(d) * cfg.init_std)
 
+        self.checkpoint_layers = False  # recompute each Transformer layer in backward (set by the trainer)
         self.transformers = TRANSFORMERS[cfg.fusion]
         n_layers, self.plan = layer_plan(cfg.sharing, cfg.fusion, cfg.layers)
         lowrank = cfg.sharing == "lowrank"
@@ -159,7 +161,10 @@ class AVBert(nn.Module):
         h = self.embeddings[name](h, positions, types)
         group = self.transformers.index(name)
         for layer in self.transformer_layers(name):
-            h = layer(h, group, key_mask, cache)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                h = checkpoint(layer, h, group, key_mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, group, key_mask, cache)
         return h
 
     def _with_bos(self, bos: Tensor, tokens: Tensor) -> Tensor:

@@ -1,0 +1,275 @@
+"""AVBERT pretraining: ``python -m avmt.train [--config FILE] [section.key=value ...]``.
+
+With no arguments it pretrains the ``tiny`` preset on a synthetic audio-visual dataset (generated once into
+``$AVMT_CACHE``, default ``~/.cache/avmt``) and prints a summary. Multi-GPU / multi-process::
+
+    torchrun --nproc_per_node 8 -m avmt.train --preset paper data.manifest=prepared/manifest.jsonl
+
+Read top to bottom: set-up, data, model + objectives, optimizer + schedule, resume, the loop, summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from avmt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from avmt.config import Config, ConfigError, DataConfig, add_config_arguments, config_from_args, load_config
+from avmt.models import AVBert
+from avmt.objectives import Pretraining
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or cannot go on; the message says why."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AVMT_CACHE", Path.home() / ".cache" / "avmt"))
+
+
+def synthetic_manifest(data: DataConfig, count: int = 120, progress: bool = True) -> Path:
+    """Generate (once) and prepare the synthetic dataset that fits ``data``; returns its manifest path."""
+    from avmt.data.prepare import prepare, scan_csv
+    from avmt.data.synth import SynthSpec, generate
+
+    size = max(64, data.scale_range[1] + data.scale_range[1] % 2)  # no upscaling for the largest train scale
+    spec = SynthSpec(seconds=data.window_seconds + 4, size=size, fps=max(8, int(math.ceil(data.fps))),
+                     sample_rate=data.sample_rate, num_classes=6)
+    root = cache_dir() / f"synth-{spec.seconds:g}s-{spec.size}px-{spec.fps}fps-{spec.sample_rate}hz-{count}"
+    manifest = root / "prepared" / "manifest.jsonl"
+    if not manifest.exists():
+        generate(root / "videos", count, spec, workers=os.cpu_count() or 1, progress=progress)
+        prepare(scan_csv(root / "videos" / "labels.csv"), root / "prepared", sample_rate=data.sample_rate,
+                min_seconds=data.clip_seconds, workers=os.cpu_count() or 1, progress=progress)
+    return manifest
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine down to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+    """Run (or continue) the pretraining described by ``cfg``; returns the summary dict (rank 0's view).
+
+    ``stop_at``: save and return after that step, as if the job were interrupted (the schedule still spans
+    ``train.max_steps``; a later call resumes from there).
+    """
+    rank, world, device = _setup_distributed()
+    tc, run_dir = cfg.train, Path(cfg.train.run_dir)
+    is_main = rank == 0
+
+    # -- data: fail before any work if it is missing ------------------------------------------------------------
+    from avmt.data.loader_cpu import CPULoader
+
+    if cfg.data.manifest:
+        manifest = Path(cfg.data.manifest)
+        if not manifest.is_file():
+            raise TrainingError(f"data.manifest={cfg.data.manifest!r} does not exist; run python -m avmt.data.prepare first")
+    else:
+        if is_main:
+            synthetic_manifest(cfg.data, progress=progress)
+        if dist.is_initialized():
+            dist.barrier()
+        manifest = synthetic_manifest(cfg.data, progress=False)
+    loader = CPULoader(manifest, cfg.data, tc.batch_size, train=True, seed=tc.seed, num_workers=cfg.data.num_workers,
+                       shard_id=rank, num_shards=world, drop_last=True)
+    if len(loader) == 0:
+        raise TrainingError(f"{manifest} holds {len(loader.dataset)} videos: fewer than one batch of {tc.batch_size} per process")
+
+    # -- model, objectives, optimizer, schedule ---------------------------------------------------------------------
+    torch.manual_seed(tc.seed)
+    model = AVBert(cfg.model)
+    model.checkpoint_layers = tc.activation_checkpointing
+    pre = Pretraining(model, cfg.objective).to(device)
+    net = DistributedDataParallel(pre, find_unused_parameters=True) if world > 1 else pre
+    opt = torch.optim.AdamW(pre.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
+    gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)  # masks, swaps, negative-sampling seeds
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+
+    # -- resume -----------------------------------------------------------------------------------------------------
+    step, epoch, batch_in_epoch, nonfinite_total = 0, 0, 0, 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, pre, map_location=device)
+        if state["config"]["model"] != cfg.to_dict()["model"]:
+            raise TrainingError(f"{ckpt} was trained with another model config; use a new train.run_dir or resume=false")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        nonfinite_total = state["nonfinite_total"]
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["objective_rng"][rank] if rank < len(state["objective_rng"]) else state["objective_rng"][0])
+        if is_main:
+            print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+
+    def save() -> Path:
+        rngs = [gen.get_state()]
+        if dist.is_initialized():  # every rank's generator, so each continues its own stream
+            rngs = [torch.empty_like(rngs[0]) for _ in range(world)]
+            dist.all_gather(rngs, gen.get_state())
+        if not is_main:
+            return run_dir
+        return save_checkpoint(run_dir, step, pre, {
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "nonfinite_total": nonfinite_total, "torch_rng": torch.get_rng_state(),
+            "objective_rng": rngs, "config": cfg.to_dict(),
+        })
+
+    # -- logging ----------------------------------------------------------------------------------------------------
+    writer = log_file = bar = None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        log_file = open(run_dir / "metrics.jsonl", "a")
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        bar = tqdm(total=tc.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="pretrain")
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    pre.train()
+    nonfinite_run, history = 0, []
+    t_data = t_total = 0.0
+    tick = time.perf_counter()
+    end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+    while step < end:
+        loader.set_epoch(epoch)
+        batches = loader.iterate(batch_in_epoch)
+        epoch_done = False
+        while step < end and not epoch_done:
+            # one optimizer step = grad_accum micro-batches; a partial one at the end of an epoch is dropped
+            metrics_sum: dict[str, float] = {}
+            finite = True
+            for _ in range(tc.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                t_data += time.perf_counter() - t0
+                if batch is None:
+                    epoch_done = True
+                    break
+                batch_in_epoch += 1
+                video, audio = batch["video"].to(device, non_blocking=True), batch["audio"].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = net(video, audio, generator=gen)
+                flag = torch.tensor([float(torch.isfinite(out.loss))], device=device)
+                if dist.is_initialized():  # every rank skips together, or DDP's backward would hang
+                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                if flag.item() < 1:
+                    finite = False
+                    break
+                (out.loss / tc.grad_accum).backward()
+                for k, v in out.metrics.items():
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / tc.grad_accum
+            if epoch_done or not finite:
+                opt.zero_grad(set_to_none=True)
+            if epoch_done:
+                break
+            if not finite:
+                nonfinite_run += 1
+                nonfinite_total += 1
+                if nonfinite_run >= tc.max_nonfinite:
+                    save()
+                    raise TrainingError(
+                        f"{nonfinite_run} non-finite losses in a row at step {step}; stopped. The checkpoint in "
+                        f"{run_dir / 'checkpoints'} holds the weights from before them; lower train.lr or check the data"
+                    )
+                continue
+            nonfinite_run = 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(pre.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            now = time.perf_counter()
+            t_total += now - tick
+            tick = now
+            if is_main:
+                record = {"step": step, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **metrics_sum,
+                          "nonfinite_skipped": nonfinite_total, "epoch": epoch}
+                history.append(record)
+                log_file.write(json.dumps(record) + "\n")
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    log_file.flush()
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, step)
+                    seqs = tc.batch_size * tc.grad_accum * world
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", mep=f"{record.get('mep_multimodal_acc', record.get('mep_visual_acc', 0)):.2f}",
+                                    cpp=f"{record['cpp_acc']:.2f}", seq_s=f"{seqs * step / max(t_total, 1e-9):.1f}",
+                                    data=f"{t_data / max(t_total, 1e-9):.0%}")
+                bar.update(1)
+            if step % tc.save_every == 0:
+                save()
+        if epoch_done:
+            epoch, batch_in_epoch = epoch + 1, 0
+    path = save()
+
+    summary: dict[str, Any] = {"steps": step, "checkpoint": str(path), "nonfinite_skipped": nonfinite_total}
+    if is_main:
+        bar.close()
+        writer.close()
+        log_file.close()
+        last = history[-20:] or []
+        for key in sorted({k for r in last for k in r}):
+            if key.startswith(("mep_", "cpp_", "loss")):
+                summary[key] = sum(r[key] for r in last if key in r) / max(1, sum(key in r for r in last))
+        summary["seconds"] = t_total
+        summary["data_wait_share"] = t_data / max(t_total, 1e-9)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m avmt.train", description=__doc__.splitlines()[0])
+    add_config_arguments(parser, default_preset="tiny")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if train.run_dir has a checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="save and exit after STEP (resume later)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args, default_preset="tiny")
+    except ConfigError as e:
+        parser.error(str(e))
+    try:
+        summary = train(cfg, resume=not args.no_resume, progress=not args.quiet, stop_at=args.stop_at)
+    except TrainingError as e:
+        print(f"avmt.train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("summary: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

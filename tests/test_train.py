@@ -1,0 +1,125 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import avmt.checkpoint
+from avmt.checkpoint import latest_checkpoint, load_checkpoint
+from avmt.config import load_config
+from avmt.objectives import Pretraining
+from avmt.train import TrainingError, lr_factor, synthetic_manifest, train
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    os.environ["AVMT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return synthetic_manifest(load_config("tiny").data, count=12, progress=False)
+
+
+def cfg_for(manifest, run_dir, *overrides):
+    return load_config("tiny", overrides=[f"data.manifest={manifest}", "data.num_workers=0", f"train.run_dir={run_dir}",
+                                          "train.batch_size=4", "train.warmup_steps=2", "train.log_every=2", *overrides])
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert 0.1 < lr_factor(55, 10, 100, 0.1) < 1.0
+
+
+def test_a_short_run_learns_logs_and_saves(manifest, tmp_path):
+    summary = train(cfg_for(manifest, tmp_path, "train.max_steps=30", "train.save_every=10"), progress=False)
+    rec = records(tmp_path)
+    assert [r["step"] for r in rec] == list(range(1, 31))
+    first, last = sum(r["loss"] for r in rec[:5]) / 5, sum(r["loss"] for r in rec[-5:]) / 5
+    assert last < first, (first, last)
+    assert {"mep_visual_acc", "mep_multimodal_acc", "cpp_acc", "lr", "grad_norm"} <= set(rec[-1])
+    assert latest_checkpoint(tmp_path).name == "step_000030" and summary["steps"] == 30
+    assert any((tmp_path / "tensorboard").iterdir())
+    state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] == 30 and state["config"]["model"]["dim"] == 64
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(manifest, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    steps = ["train.max_steps=8", "train.save_every=100"]
+    train(cfg_for(manifest, full, *steps), progress=False)
+    train(cfg_for(manifest, split, *steps), progress=False, stop_at=4)
+    assert latest_checkpoint(split).name == "step_000004"
+    train(cfg_for(manifest, split, *steps), progress=False)  # resumes automatically
+    assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(full)]
+    a, b = (load_file(latest_checkpoint(d) / "model.safetensors") for d in (full, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_crash_inside_a_checkpoint_write_keeps_the_previous_one(manifest, tmp_path, monkeypatch):
+    cfg = cfg_for(manifest, tmp_path, "train.max_steps=4", "train.save_every=2")
+    real_save = avmt.checkpoint.save_file
+    calls = []
+
+    def failing_save(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint dies half-way
+            real_save(tensors, path)
+            raise OSError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(avmt.checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, progress=False)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.name == "step_000002"
+    model = Pretraining(__import__("avmt.models", fromlist=["AVBert"]).AVBert(cfg.model), cfg.objective)
+    assert load_checkpoint(ckpt, model)["step"] == 2
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(manifest, tmp_path, monkeypatch):
+    real_forward = Pretraining.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (3, 5):
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Pretraining, "forward", sometimes_nan)
+    summary = train(cfg_for(manifest, tmp_path / "a", "train.max_steps=6"), progress=False)
+    assert summary["nonfinite_skipped"] == 2 and summary["steps"] == 6
+    rec = records(tmp_path / "a")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rec) and rec[-1]["nonfinite_skipped"] == 2
+
+    monkeypatch.setattr(Pretraining, "forward", lambda self, *a, **k: (o := real_forward(self, *a, **k)).__setattr__("loss", o.loss * float("inf")) or o)
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 0"):
+        train(cfg_for(manifest, tmp_path / "b", "train.max_steps=6", "train.max_nonfinite=3"), progress=False)
+    assert latest_checkpoint(tmp_path / "b") is not None  # a usable checkpoint is left behind
+
+
+def test_missing_data_fails_before_any_work(tmp_path):
+    cfg = load_config("tiny", overrides=[f"data.manifest={tmp_path / 'nope.jsonl'}", f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(TrainingError, match="nope.jsonl' does not exist"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    proc = subprocess.run([sys.executable, "-m", "avmt.train", "train.lr=fast"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "train.lr='fast' is invalid: expected a number" in proc.stderr
+
+
+def test_torchrun_two_processes_save_once(manifest, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "avmt.train",
+           "--preset", "tiny", f"data.manifest={manifest}", "data.num_workers=0", f"train.run_dir={tmp_path}",
+           "train.batch_size=2", "train.max_steps=3", "--quiet", "--no-resume"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step_000003"]
+    assert proc.stdout.count("summary:") == 1
+    assert len(records(tmp_path)) == 3
