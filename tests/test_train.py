@@ -123,3 +123,31 @@ def test_torchrun_two_processes_save_once(manifest, tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step_000003"]
     assert proc.stdout.count("summary:") == 1
     assert len(records(tmp_path)) == 3
+
+
+def test_linear_probe_and_split():
+    from avmt.evaluate import linear_probe, split_of
+
+    paths = [f"v/{i}.mp4" for i in range(2000)]
+    assert [split_of(p, 0.3) for p in paths] == [split_of(p, 0.3) for p in paths]
+    assert 0.25 < sum(split_of(p, 0.3) == "test" for p in paths) / 2000 < 0.35
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 16, generator=g) * 3
+    y = torch.arange(200) % 5
+    x = centers[y] + torch.randn(200, 16, generator=g)
+    scores = linear_probe(x[None, :150], y[:150], x[None, 150:], y[150:], classes=5)
+    assert scores["test_top1"] > 90 and scores["test_top5"] == 100.0
+    noise = linear_probe(torch.randn(1, 150, 16, generator=g), y[:150], torch.randn(1, 50, 16, generator=g), y[150:], classes=5)
+    assert noise["test_top1"] < 50  # labels unrelated to features: near chance (20%)
+
+
+def test_evaluate_cli_compares_with_random_init(manifest, tmp_path):
+    train(cfg_for(manifest, tmp_path, "train.max_steps=2"), progress=False)
+    proc = subprocess.run([sys.executable, "-m", "avmt.evaluate", "--checkpoint", str(tmp_path), "--compare-random", "--json",
+                           "--views", "2", "--quiet"], capture_output=True, text=True, env=os.environ)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    for name in ("pretrained", "random_init"):
+        assert set(out[name]) == {"visual", "audio", "audiovisual"}
+        assert all(0 <= v <= 100 for s in out[name].values() for v in s.values())
+    assert out["views"] == 2 and out["manifest"] == str(manifest)
