@@ -75,7 +75,7 @@ def op_statuses() -> list[OpStatus]:
         ),
         OpStatus(
             op=f"lowrank_linear  (U·R_m·normalize(V_mᵀx)+b, avmt.kernels / avmt.models.LowRankLinear, for {device} tensors)",
-            selected=f"{kernels.select_backend(device, 'auto')} (model.kernel=auto)",
+            selected=kernels.select_backend(device, "auto"),  # what model.kernel=auto picks
             backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in lowrank.items()),
         ),
     ]
