@@ -37,13 +37,18 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
-    """For tensors on ``device``: ``{"triton": (ok, why), "reference": (ok, why)}``."""
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def backend_status(device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, tuple[bool, str]]:
+    """For tensors on ``device`` (and of ``dtype``, if given): ``{"triton": (ok, why), "reference": (ok, why)}``."""
     device = torch.device(device)
     status = {"reference": (True, "plain PyTorch LowRankLinear, runs on every device (the source of truth)")}
     err = _triton_error()
     if err is not None:
         status["triton"] = (False, err)
+    elif dtype is not None and dtype not in _KERNEL_DTYPES:
+        status["triton"] = (False, f"the Triton kernels take float32, bfloat16 or float16 tensors, got {dtype}")
     elif device.type == "cuda":
         status["triton"] = (True, "fused Triton kernels on CUDA tensors")
     elif device.type == "cpu" and interpreter_enabled():
@@ -53,14 +58,14 @@ def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
     return status
 
 
-def select_backend(device: torch.device | str, kernel: str = "auto") -> str:
+def select_backend(device: torch.device | str, kernel: str = "auto", dtype: torch.dtype | None = None) -> str:
     """``"triton"`` or ``"reference"`` for tensors on ``device``. ``auto`` uses Triton only on CUDA; an explicit
     ``triton`` that cannot run raises with the reason."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is invalid: expected one of {', '.join(KERNELS)}")
     if kernel == "reference":
         return "reference"
-    ok, why = backend_status(device)["triton"]
+    ok, why = backend_status(device, dtype)["triton"]
     if kernel == "auto":
         return "triton" if ok and torch.device(device).type == "cuda" else "reference"
     if not ok:

@@ -167,6 +167,9 @@ def test_backend_selection(monkeypatch):
     assert kernels.select_backend("cpu", "auto") == "reference"  # the interpreter is for tests, never automatic
     with pytest.raises(ValueError, match="expected one of"):
         kernels.select_backend("cpu", "cuda")
+    with pytest.raises(RuntimeError, match="got torch.float64"):
+        kernels.select_backend("cpu", "triton", torch.float64)
+    assert kernels.select_backend("cuda", "auto", torch.float64) == "reference"  # auto falls back for float64
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="Triton needs CUDA tensors"):
         kernels.select_backend("cpu", "triton")
@@ -259,6 +262,9 @@ def test_model_gpu():
     audio = torch.randn(2, d.num_clips, 1, d.n_mels, d.mel_frames, device="cuda")
     a, b = ref(video, audio).multimodal, fused_model(video, audio).multimodal
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # fp32 parameters, bf16 compute: the kernels follow autocast
+        a, b = ref(video, audio).multimodal, fused_model(video, audio).multimodal
+    torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
 
 
 def test_interpreter_flag_is_set_for_cpu_runs():

@@ -20,6 +20,14 @@ from torch import Tensor, nn
 from avmt import kernels
 
 
+def _kernel_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the fused kernels compute in: autocast's dtype inside an autocast region (as the reference's
+    matmuls would), else x's own dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class DenseMap(nn.Linear):
     """A plain ``nn.Linear`` with the map signature; ``group`` and ``cache`` are ignored."""
 
@@ -69,7 +77,7 @@ class LowRankLinear(nn.Module):
 
     def backend(self, x: Tensor) -> str:
         """"triton" or "reference" for this input (raises if ``kernel="triton"`` cannot run on x's device)."""
-        return kernels.select_backend(x.device, self.kernel)
+        return kernels.select_backend(x.device, self.kernel, _kernel_dtype(x))
 
     def forward(self, x: Tensor, group: int = 0, cache: RotationCache | None = None, gelu: bool = False) -> Tensor:
         """``x [..., N] -> [..., M]``; ``gelu=True`` applies the erf GELU after the bias (fused on the Triton path)."""
@@ -79,7 +87,8 @@ class LowRankLinear(nn.Module):
         if self.backend(x) == "triton":
             from avmt.kernels.lowrank_linear import lowrank_linear
 
-            return lowrank_linear(x, self.V, rs, self.U, self.bias, group=group, gelu=gelu, eps=self.eps)
+            dt = _kernel_dtype(x)
+            return lowrank_linear(x.to(dt), self.V.to(dt), rs, self.U.to(dt), self.bias, group=group, gelu=gelu, eps=self.eps)
         r = rs[group]
         z = F.normalize(x @ self.V[group], dim=-1, eps=self.eps)
         y = F.linear(z @ r.transpose(0, 1), self.U, self.bias)
@@ -153,8 +162,9 @@ class TransformerLayer(nn.Module):
 
             maps = (self.query, self.key, self.value)
             rots = [cache.rotations(m) if cache is not None else m.rotations() for m in maps]
-            q, k, v = lowrank_qkv(x, [m.V for m in maps], rots, [m.U for m in maps], [m.bias for m in maps], self.heads,
-                                  group=group, eps=self.query.eps)
+            dt = _kernel_dtype(x)
+            q, k, v = lowrank_qkv(x.to(dt), [m.V.to(dt) for m in maps], rots, [m.U.to(dt) for m in maps], [m.bias for m in maps],
+                                  self.heads, group=group, eps=self.query.eps)
         else:
             q, k, v = (m(x, group, cache).view(b, s, self.heads, d // self.heads).transpose(1, 2) for m in (self.query, self.key, self.value))
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
