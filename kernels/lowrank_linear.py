@@ -127,9 +127,11 @@ def _block_table(seg_lens: Sequence[int], seg_groups: Sequence[int], bt: int) ->
 
 @triton_op("avmt::lowrank_fused", mutates_args={})
 def _lowrank_fused(
-    x: Tensor, V: Tensor, R: Tensor, U: Tensor, b: Tensor, seg_lens: list[int], seg_groups: list[int], gelu: bool, eps: float,
+    x: Tensor, V: Tensor, R: Tensor, U: Tensor, b: Tensor, table: Tensor, seg_lens: list[int], seg_groups: list[int],
+    gelu: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x [T, N]; V [P, G, N, O]; R [P, G, O, O] fp32; U [P, M, O]; b [P, M] -> (y [P, T, M], z [P, T, O] fp32, norm [P, T] fp32)."""
+    """x [T, N]; V [P, G, N, O]; R [P, G, O, O] fp32; U [P, M, O]; b [P, M]; table [blocks, 3] int32 (from
+    :func:`_block_table` with this device's BT) -> (y [P, T, M], z [P, T, O] fp32, norm [P, T] fp32)."""
     t, n = x.shape
     p, _, _, o = V.shape
     m = U.shape[1]
@@ -137,13 +139,11 @@ def _lowrank_fused(
     z = torch.empty((p, t, o), device=x.device, dtype=torch.float32)
     norm = torch.empty((p, t), device=x.device, dtype=torch.float32)
     bt, bk, bo, bm = _block_sizes(n, m, o, x.device)
-    table = _block_table(seg_lens, seg_groups, bt)
-    if not table:  # zero tokens
+    if table.shape[0] == 0:  # zero tokens
         return y, z, norm
-    table_t = torch.tensor(table, dtype=torch.int32, device=x.device)
-    grid = (len(table) // 3, p)
+    grid = (table.shape[0], p)
     wrap_triton(_lowrank_fwd_kernel)[grid](
-        x, V, R, U, b, y, z, norm, table_t,
+        x, V, R, U, b, y, z, norm, table,
         t, n, m, o, eps,
         x.stride(0), x.stride(1),
         V.stride(0), V.stride(1), V.stride(2), V.stride(3),
@@ -167,7 +167,7 @@ def _gelu_grad(pre: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, V, R, U, b, seg_lens, seg_groups, gelu, eps = inputs
+    x, V, R, U, b, _table, seg_lens, seg_groups, gelu, eps = inputs
     _, z, norm = output
     ctx.save_for_backward(x, V, R, U, b, z, norm)
     ctx.seg_lens, ctx.seg_groups, ctx.gelu, ctx.eps = list(seg_lens), list(seg_groups), gelu, eps
@@ -219,7 +219,7 @@ def _backward(ctx, dy: Tensor, _dz: Tensor | None, _dnorm: Tensor | None):  # no
                 dx[sl] += dzr @ v.T
     return (
         None if dx is None else dx.to(x.dtype), dV.to(V.dtype), dR.to(R.dtype), dU.to(U.dtype), db.to(b.dtype),
-        None, None, None, None,
+        None, None, None, None, None,
     )
 
 
@@ -284,8 +284,11 @@ def lowrank_linear_multi(
     x2 = x.reshape(-1, n)
     lens, gs = _segments(x2.shape[0], Vs[0].shape[0], group, segments)
     stack = (lambda ts: ts[0].unsqueeze(0)) if len(Vs) == 1 else torch.stack
+    # the block table is built here, outside the custom op, so that the op's body only allocates and launches
+    bt = _block_sizes(n, Us[0].shape[0], Vs[0].shape[-1], x.device)[0]
+    table = torch.tensor(_block_table(lens, gs, bt), dtype=torch.int32, device=x.device).view(-1, 3)
     y, _, _ = _lowrank_fused(
-        x2, stack(list(Vs)), stack([r.float() for r in Rs]), stack(list(Us)), stack(list(bs)), lens, gs, gelu, float(eps),
+        x2, stack(list(Vs)), stack([r.float() for r in Rs]), stack(list(Us)), stack(list(bs)), table, lens, gs, gelu, float(eps),
     )
     return [y[i].view(*lead, -1) for i in range(len(Vs))]
 
