@@ -154,7 +154,8 @@ def _lowrank_fused(
         z.stride(0), z.stride(1), z.stride(2),
         norm.stride(0),
         GELU=gelu, IEEE=x.dtype == torch.float32, BT=bt, BK=bk, BO=bo, BM=bm,
-        num_warps=4,
+        # the [BT, O] fp32 tile and the O x O rotation are register-heavy at O=128: 8 warps spread them (unmeasured)
+        num_warps=8 if bo >= 128 else 4,
     )
     return y, z, norm
 
