@@ -2,7 +2,7 @@
 ``torch.compile(mode="max-autotune")`` of the reference; forward and forward+backward; time and achieved GB/s.
 
 Full sweep (``--full``, GPU only): tokens in {256, 1K, 4K, 16K, 64K}; paper maps O=128 with (N, M) = (768, 768)
-(Q/K/V/attention out), (768, 3072)+GELU (FFN in), (3072, 768) (FFN out); the input dtype is bf16.
+(Q/K/V/attention out), (768, 3072)+GELU (FFN in), (3072, 768) (FFN out); bf16 inputs, fp32 parameters, bf16 autocast.
 Quick mode (default): one tiny shape, one round, fp32: proves the benchmark code works on CPU. There the Triton
 case runs only under the interpreter (TRITON_INTERPRET=1) and the compiled case is skipped (max-autotune on CPU
 would spend minutes compiling): those timings mean nothing, only the GPU numbers do.
@@ -54,29 +54,28 @@ def test_lowrank_map(benchmark, full, impl, backward, case):
     o, groups, group = 128, 3, 2
     torch.manual_seed(0)
     lin = LowRankLinear(n, m, o, groups, init_std=0.02, eps=1e-6, kernel="triton" if impl == "triton" else "reference")
-    lin = lin.to(DEVICE)
-    for p in ("U", "V", "bias"):  # the dense weights in the compute dtype; A (and so R) stays fp32
-        setattr(lin, p, torch.nn.Parameter(getattr(lin, p).detach().to(dtype)))
+    lin = lin.to(DEVICE)  # fp32 parameters; bf16 compute through autocast, as mixed-precision training runs it
     x = torch.randn(tokens, n, device=DEVICE, dtype=dtype, requires_grad=backward)
     dy = torch.randn(tokens, m, device=DEVICE, dtype=dtype)
     fn = lin if impl != "compiled" else torch.compile(lin, mode="max-autotune")
 
     def run() -> torch.Tensor:
         lin.zero_grad(set_to_none=True)
-        if backward:
-            x.grad = None
-            y = fn(x, group, gelu=gelu)
-            y.backward(dy)
-        else:
-            with torch.no_grad():
+        with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+            if backward:
+                x.grad = None
                 y = fn(x, group, gelu=gelu)
+                y.backward(dy)
+            else:
+                with torch.no_grad():
+                    y = fn(x, group, gelu=gelu)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         return y
 
     y = run()  # warm-up (compiles/autotunes) and a guard that the benchmarked function computes the map
     kernel, lin.kernel = lin.kernel, "reference"
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
         want = lin(x, group, gelu=gelu)
     lin.kernel = kernel
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
@@ -85,7 +84,7 @@ def test_lowrank_map(benchmark, full, impl, backward, case):
         assert lin.A.grad is not None and torch.isfinite(lin.A.grad).all()
 
     s = x.element_size()
-    weights = (groups * n * o + m * o + m) * s + groups * o * o * 4  # V, U, b in dtype; R in fp32
+    weights = (groups * n * o + m * o + m) * s + groups * o * o * 4  # V, U, b read in the compute dtype; R in fp32
     fwd_bytes = tokens * (n + m) * s + weights
     moved = fwd_bytes + (tokens * (m + 2 * n) * s + 2 * weights if backward else 0)
     benchmark.pedantic(run, rounds=10 if full else 1, iterations=1, warmup_rounds=2 if full else 0)

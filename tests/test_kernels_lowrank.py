@@ -218,18 +218,29 @@ def test_model_triton_matches_reference_tiny(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n, m, gelu", [(768, 768, False), (768, 3072, True), (3072, 768, False)])
 def test_gpu_paper_shapes(dtype, n, m, gelu):
+    """bf16/fp16 as the model runs them: fp32 parameters under autocast (the reference's matmuls and the fused
+    kernels both compute in the autocast dtype), fp32 without autocast."""
+    import contextlib
+
     lin = make_map(n, m, 128, 3, 0)
     torch.manual_seed(1)
     tokens = 4099
     x = torch.randn(tokens, n, device=DEV)
     segments = [(1000, 0), (1000, 1), (2099, 2)]
     truth = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), copy.deepcopy(lin).double(), x.double(), 0)
-    lin_lp = copy.deepcopy(lin)
-    for p in ("U", "V", "bias"):  # parameters in the low dtype; A stays fp32 (R is used in fp32)
-        setattr(lin_lp, p, torch.nn.Parameter(getattr(lin, p).detach().to(dtype)))
-    ref = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), lin_lp, x.to(dtype), 0)
-    got = outputs_and_grads(lambda mod, xx: fused(mod, xx, segments, gelu), lin_lp, x.to(dtype), 0)
-    assert got[0].dtype == dtype
+
+    def amp():
+        return torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    def fused_amp(mod, xx):
+        dt = dtype if dtype != torch.float32 else xx.dtype  # what LowRankLinear's triton path does under autocast
+        return lowrank_linear(xx.to(dt), mod.V.to(dt), mod.rotations(), mod.U.to(dt), mod.bias, segments=segments,
+                              gelu=gelu, eps=mod.eps)
+
+    with amp():
+        ref = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), lin, x, 0)
+        got = outputs_and_grads(fused_amp, lin, x, 0)
+    assert got[0].dtype == ref[0].dtype == dtype
     assert_within_2x(got, ref, truth, ("y", "dx", "dU", "db", "dV", "dA"), floor=1e-3 if dtype != torch.float32 else 1e-6)
 
 
@@ -250,7 +261,7 @@ def test_gpu_torch_compile():
 
 @pytest.mark.gpu
 def test_model_gpu():
-    cfg = load_config("tiny", overrides=["model.sharing=lowrank"])
+    cfg = load_config("tiny", overrides=["model.sharing=lowrank", "model.kernel=reference"])
     torch.manual_seed(0)
     ref = AVBert(cfg.model).cuda().eval()
     fused_model = copy.deepcopy(ref)
