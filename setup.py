@@ -9,7 +9,7 @@ import os
 import sys
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("AVMT_NO_CUDA") != "1"
@@ -24,4 +24,9 @@ if with_cuda:
 else:
     extension = CppExtension("avmt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
 
-setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)})
+# kernels/ (Triton sources at the repo root) installs as avmt.kernels; there is no top-level "kernels" package
+setup(
+    packages=[*find_packages(include=["avmt", "avmt.*"]), "avmt.kernels"],
+    package_dir={"avmt.kernels": "kernels"},
+    ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+)

@@ -24,6 +24,7 @@ import yaml
 _SECTIONS = ("model", "data", "objective", "train")
 
 Sharing = Literal["none", "layers", "all", "lowrank"]
+Kernel = Literal["auto", "triton", "reference"]  # backend of the lowrank maps (avmt.kernels.select_backend)
 Fusion = Literal["early", "mid", "late"]
 
 SHARING_SCHEMES: tuple[str, ...] = get_args(Sharing)
@@ -133,6 +134,7 @@ class ModelConfig(_Section):
     fusion: Fusion = "mid"
     rank: int = _field(128, POSITIVE)  # O, inner size of the low-rank maps
     lowrank_eps: float = _field(1e-6, POSITIVE)  # normalize(z) = z / max(||z||, eps)
+    kernel: Kernel = "auto"  # lowrank maps: fused Triton on CUDA (auto), forced triton (raises if it cannot run), reference
     max_clips: int = _field(64, POSITIVE)  # largest T a forward accepts (size of the position tables)
     visual_width: int = _field(64, POSITIVE)  # stem channels of the 3D ResNet; features = 32 * width
     visual_depths: tuple[int, ...] = _field((3, 4, 6, 3), ALL_POSITIVE)  # bottlenecks per stage

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import avmt
-from avmt import sampling
+from avmt import kernels, sampling
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ def op_statuses() -> list[OpStatus]:
     """Per op, every implementation avmt has and whether it runs here. The plain PyTorch reference always does."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     negatives = sampling.backend_status(device)
+    lowrank = kernels.backend_status(device)
     return [
         OpStatus(
             op=f"sample_negatives  (avmt.sampling, for {device} tensors)",
@@ -73,9 +74,9 @@ def op_statuses() -> list[OpStatus]:
             backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in negatives.items()),
         ),
         OpStatus(
-            op="lowrank_linear  (U·R_m·normalize(V_mᵀx)+b, avmt.models.LowRankLinear)",
-            selected="reference",
-            backends=(BackendStatus("reference", True, "plain PyTorch, runs on every device"),),
+            op=f"lowrank_linear  (U·R_m·normalize(V_mᵀx)+b, avmt.kernels / avmt.models.LowRankLinear, for {device} tensors)",
+            selected=kernels.select_backend(device, "auto"),  # what model.kernel=auto picks
+            backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in lowrank.items()),
         ),
     ]
 

@@ -17,6 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avmt import kernels
+
+
+def _kernel_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the fused kernels compute in: autocast's dtype inside an autocast region (as the reference's
+    matmuls would), else x's own dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
 
 class DenseMap(nn.Linear):
     """A plain ``nn.Linear`` with the map signature; ``group`` and ``cache`` are ignored."""
@@ -42,9 +52,14 @@ class LowRankLinear(nn.Module):
     Count: ``M·O + M + G·(N·O + O·O)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, groups: int, init_std: float, eps: float) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, groups: int, init_std: float, eps: float, kernel: str = "reference",
+    ) -> None:
         super().__init__()
+        if kernel not in kernels.KERNELS:
+            raise ValueError(f"kernel={kernel!r} is invalid: expected one of {', '.join(kernels.KERNELS)}")
         self.in_features, self.out_features, self.rank, self.groups, self.eps = in_features, out_features, rank, groups, eps
+        self.kernel = kernel  # "auto" | "triton" | "reference"; resolved per call from the input's device
         self.U = nn.Parameter(torch.empty(out_features, rank))
         self.bias = nn.Parameter(torch.empty(out_features))
         self.V = nn.Parameter(torch.empty(groups, in_features, rank))
@@ -60,12 +75,24 @@ class LowRankLinear(nn.Module):
         """All ``R_m`` as one ``[G, O, O]`` tensor (orthogonal, same dtype as ``A``)."""
         return torch.matrix_exp(self.A - self.A.transpose(-1, -2))
 
-    def forward(self, x: Tensor, group: int = 0, cache: RotationCache | None = None) -> Tensor:
+    def backend(self, x: Tensor) -> str:
+        """"triton" or "reference" for this input (raises if ``kernel="triton"`` cannot run on x's device)."""
+        return kernels.select_backend(x.device, self.kernel, _kernel_dtype(x))
+
+    def forward(self, x: Tensor, group: int = 0, cache: RotationCache | None = None, gelu: bool = False) -> Tensor:
+        """``x [..., N] -> [..., M]``; ``gelu=True`` applies the erf GELU after the bias (fused on the Triton path)."""
         if not 0 <= group < self.groups:
             raise IndexError(f"group {group} out of range for a low-rank map with {self.groups} groups")
-        r = (cache.rotations(self) if cache is not None else self.rotations())[group]
+        rs = cache.rotations(self) if cache is not None else self.rotations()
+        if self.backend(x) == "triton":
+            from avmt.kernels.lowrank_linear import lowrank_linear
+
+            dt = _kernel_dtype(x)
+            return lowrank_linear(x.to(dt), self.V.to(dt), rs, self.U.to(dt), self.bias, group=group, gelu=gelu, eps=self.eps)
+        r = rs[group]
         z = F.normalize(x @ self.V[group], dim=-1, eps=self.eps)
-        return F.linear(z @ r.transpose(0, 1), self.U, self.bias)
+        y = F.linear(z @ r.transpose(0, 1), self.U, self.bias)
+        return F.gelu(y) if gelu else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, groups={self.groups}"
@@ -92,10 +119,12 @@ class RotationCache:
         return len(self._store)
 
 
-def make_map(in_features: int, out_features: int, *, lowrank: bool, rank: int, groups: int, init_std: float, eps: float) -> nn.Module:
-    """A dense map ``in_features -> out_features``: low-rank factorised or plain."""
+def make_map(
+    in_features: int, out_features: int, *, lowrank: bool, rank: int, groups: int, init_std: float, eps: float, kernel: str = "reference",
+) -> nn.Module:
+    """A dense map ``in_features -> out_features``: low-rank factorised (with its kernel backend) or plain."""
     if lowrank:
-        return LowRankLinear(in_features, out_features, rank, groups, init_std, eps)
+        return LowRankLinear(in_features, out_features, rank, groups, init_std, eps, kernel)
     return DenseMap(in_features, out_features, init_std)
 
 
@@ -107,16 +136,17 @@ class TransformerLayer(nn.Module):
 
     def __init__(
         self, dim: int, heads: int, ffn_dim: int, *, dropout: float, attention_dropout: float, ln_eps: float,
-        init_std: float, lowrank: bool = False, rank: int = 128, groups: int = 1, lowrank_eps: float = 1e-6,
+        init_std: float, lowrank: bool = False, rank: int = 128, groups: int = 1, lowrank_eps: float = 1e-6, kernel: str = "reference",
     ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} is not divisible by heads={heads}")
         self.heads = heads
+        self.lowrank = lowrank
         self.attention_dropout = attention_dropout
 
         def dense(n: int, m: int) -> nn.Module:
-            return make_map(n, m, lowrank=lowrank, rank=rank, groups=groups, init_std=init_std, eps=lowrank_eps)
+            return make_map(n, m, lowrank=lowrank, rank=rank, groups=groups, init_std=init_std, eps=lowrank_eps, kernel=kernel)
 
         self.query, self.key, self.value, self.attn_out = (dense(dim, dim) for _ in range(4))
         self.ffn_in, self.ffn_out = dense(dim, ffn_dim), dense(ffn_dim, dim)
@@ -126,14 +156,26 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: Tensor, group: int = 0, key_mask: Tensor | None = None, cache: RotationCache | None = None) -> Tensor:
         b, s, d = x.shape
-        q, k, v = (m(x, group, cache).view(b, s, self.heads, d // self.heads).transpose(1, 2) for m in (self.query, self.key, self.value))
+        fused = self.lowrank and self.query.backend(x) == "triton"
+        if fused:  # Q, K, V in one launch that reads x once per token block
+            from avmt.kernels.lowrank_linear import lowrank_qkv
+
+            maps = (self.query, self.key, self.value)
+            rots = [cache.rotations(m) if cache is not None else m.rotations() for m in maps]
+            dt = _kernel_dtype(x)
+            q, k, v = lowrank_qkv(x.to(dt), [m.V.to(dt) for m in maps], rots, [m.U.to(dt) for m in maps], [m.bias for m in maps],
+                                  self.heads, group=group, eps=self.query.eps)
+        else:
+            q, k, v = (m(x, group, cache).view(b, s, self.heads, d // self.heads).transpose(1, 2) for m in (self.query, self.key, self.value))
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
         )
         a = a.transpose(1, 2).reshape(b, s, d)
         h = self.attn_norm(x + self.dropout(self.attn_out(a, group, cache)))
-        f = self.ffn_out(F.gelu(self.ffn_in(h, group, cache)), group, cache)
+        # low-rank maps fuse the GELU into the FFN-in kernel; the reference applies the same F.gelu after the map
+        inner = self.ffn_in(h, group, cache, gelu=True) if self.lowrank else F.gelu(self.ffn_in(h, group, cache))
+        f = self.ffn_out(inner, group, cache)
         return self.ffn_norm(h + self.dropout(f))
 
 

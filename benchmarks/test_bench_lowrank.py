@@ -1,0 +1,97 @@
+"""Low-rank map ``act(U·R_m·normalize(V_mᵀx)+b)`` (SPEC §2): fused Triton kernel vs the eager PyTorch reference vs
+``torch.compile(mode="max-autotune")`` of the reference; forward and forward+backward; time and achieved GB/s.
+
+Full sweep (``--full``, GPU only): tokens in {256, 1K, 4K, 16K, 64K}; paper maps O=128 with (N, M) = (768, 768)
+(Q/K/V/attention out), (768, 3072)+GELU (FFN in), (3072, 768) (FFN out); bf16 inputs, fp32 parameters, bf16 autocast.
+Quick mode (default): one tiny shape, one round, fp32: proves the benchmark code works on CPU. There the Triton
+case runs only under the interpreter (TRITON_INTERPRET=1) and the compiled case is skipped (max-autotune on CPU
+would spend minutes compiling): those timings mean nothing, only the GPU numbers do.
+
+GB/s counts the compulsory traffic: forward reads x and the weights and writes y; forward+backward adds reading
+dy and x again, writing dx, and reading/writing the weights and their gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avmt import kernels
+from avmt.models import LowRankLinear
+
+FULL_TOKENS = [256, 1024, 4096, 16384, 65536]
+FULL_SHAPES = [(768, 768, False), (768, 3072, True), (3072, 768, False)]
+QUICK = (64, [(96, 160, True)])
+IMPLS = ["triton", "reference", "compiled"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cases(full_mode: bool):
+    tokens, shapes = (FULL_TOKENS, FULL_SHAPES) if full_mode else ([QUICK[0]], QUICK[1])
+    return [(t, n, m, g) for t in tokens for n, m, g in shapes]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" in metafunc.fixturenames:
+        full_mode = bool(metafunc.config.getoption("--full"))
+        cases = _cases(full_mode)
+        metafunc.parametrize("case", cases, ids=[f"T{t}-N{n}-M{m}{'-gelu' if g else ''}" for t, n, m, g in cases])
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lowrank_map(benchmark, full, impl, backward, case):
+    tokens, n, m, gelu = case
+    if full and DEVICE != "cuda":
+        pytest.skip("the full sweep needs a CUDA device")
+    if impl == "triton" and kernels.select_backend(DEVICE, "auto") != "triton" and not (
+        DEVICE == "cpu" and kernels.backend_status("cpu")["triton"][0]
+    ):
+        pytest.skip(f"Triton cannot run here: {kernels.backend_status(DEVICE)['triton'][1]}")
+    if impl == "compiled" and DEVICE != "cuda":
+        pytest.skip("torch.compile(max-autotune) is benchmarked on the GPU only (minutes of compile on CPU)")
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    o, groups, group = 128, 3, 2
+    torch.manual_seed(0)
+    lin = LowRankLinear(n, m, o, groups, init_std=0.02, eps=1e-6, kernel="triton" if impl == "triton" else "reference")
+    lin = lin.to(DEVICE)  # fp32 parameters; bf16 compute through autocast, as mixed-precision training runs it
+    x = torch.randn(tokens, n, device=DEVICE, dtype=dtype, requires_grad=backward)
+    dy = torch.randn(tokens, m, device=DEVICE, dtype=dtype)
+    fn = lin if impl != "compiled" else torch.compile(lin, mode="max-autotune")
+
+    def run() -> torch.Tensor:
+        lin.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+            if backward:
+                x.grad = None
+                y = fn(x, group, gelu=gelu)
+                y.backward(dy)
+            else:
+                with torch.no_grad():
+                    y = fn(x, group, gelu=gelu)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return y
+
+    y = run()  # warm-up (compiles/autotunes) and a guard that the benchmarked function computes the map
+    kernel, lin.kernel = lin.kernel, "reference"
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+        want = lin(x, group, gelu=gelu)
+    lin.kernel = kernel
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(y.detach().float(), want.float(), rtol=tol, atol=tol)
+    if backward:
+        assert lin.A.grad is not None and torch.isfinite(lin.A.grad).all()
+
+    s = x.element_size()
+    weights = (groups * n * o + m * o + m) * s + groups * o * o * 4  # V, U, b read in the compute dtype; R in fp32
+    fwd_bytes = tokens * (n + m) * s + weights
+    moved = fwd_bytes + (tokens * (m + 2 * n) * s + 2 * weights if backward else 0)
+    benchmark.pedantic(run, rounds=10 if full else 1, iterations=1, warmup_rounds=2 if full else 0)
+    mean = benchmark.stats.stats.mean if benchmark.stats is not None else float("nan")
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        impl=impl, tokens=tokens, n=n, m=m, o=o, gelu=gelu, dtype=str(dtype), backward=backward,
+        min_bytes=moved, gb_per_s=moved / mean / 1e9 if mean == mean and mean > 0 else None,
+        torch=torch.__version__, interpreter=DEVICE == "cpu" and impl == "triton",
+    )
