@@ -93,11 +93,12 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
         if not manifest.is_file():
             raise TrainingError(f"data.manifest={cfg.data.manifest!r} does not exist; run python -m avmt.data.prepare first")
     else:
-        if is_main:
-            synthetic_manifest(cfg.data, progress=progress)
+        if is_main:  # rank 0 generates it once; the others wait, then only look it up
+            manifest = synthetic_manifest(cfg.data, progress=progress)
         if dist.is_initialized():
             dist.barrier()
-        manifest = synthetic_manifest(cfg.data, progress=False)
+        if not is_main:
+            manifest = synthetic_manifest(cfg.data, progress=False)
     loader = CPULoader(manifest, cfg.data, tc.batch_size, train=True, seed=tc.seed, num_workers=cfg.data.num_workers,
                        shard_id=rank, num_shards=world, drop_last=True)
     if len(loader) == 0:

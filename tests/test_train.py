@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import avmt.checkpoint
 from avmt.checkpoint import latest_checkpoint, load_checkpoint
 from avmt.config import load_config
+from avmt.models import AVBert
 from avmt.objectives import Pretraining
 from avmt.train import TrainingError, lr_factor, synthetic_manifest, train
 
@@ -78,7 +79,7 @@ def test_a_crash_inside_a_checkpoint_write_keeps_the_previous_one(manifest, tmp_
         train(cfg, progress=False)
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt.name == "step_000002"
-    model = Pretraining(__import__("avmt.models", fromlist=["AVBert"]).AVBert(cfg.model), cfg.objective)
+    model = Pretraining(AVBert(cfg.model), cfg.objective)
     assert load_checkpoint(ckpt, model)["step"] == 2
 
 
@@ -99,7 +100,12 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(manifest, tmp_path, monk
     rec = records(tmp_path / "a")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rec) and rec[-1]["nonfinite_skipped"] == 2
 
-    monkeypatch.setattr(Pretraining, "forward", lambda self, *a, **k: (o := real_forward(self, *a, **k)).__setattr__("loss", o.loss * float("inf")) or o)
+    def always_inf(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        out.loss = out.loss * float("inf")
+        return out
+
+    monkeypatch.setattr(Pretraining, "forward", always_inf)
     with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 0"):
         train(cfg_for(manifest, tmp_path / "b", "train.max_steps=6", "train.max_nonfinite=3"), progress=False)
     assert latest_checkpoint(tmp_path / "b") is not None  # a usable checkpoint is left behind
