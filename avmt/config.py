@@ -144,7 +144,10 @@ class ModelConfig(_Section):
     audio_depths: tuple[int, ...] = _field((3, 4, 6, 3), ALL_POSITIVE)
     audio_separable_stages: int = _field(2, NON_NEGATIVE)  # first stages whose 3x3 is split into 3x1 + 1x3
     bn_eps: float = _field(1e-5, POSITIVE)
-    zero_init_residual: bool = True  # zero the last BN of every bottleneck (the released code's choice)
+    # Zero the last BN of every bottleneck (the released code's choice). Then a fresh ResNet is its chain of strided 1x1
+    # projection shortcuts, which sample one pixel in 2x2 per stage: on the small presets' 32-64 px crops the pooled
+    # feature starts out seeing one position of the stem's map, and self-supervision never finds the target's colour.
+    zero_init_residual: bool = True
     # Before the input projection: "batchnorm" standardises every pooled CNN feature over the batch's clips (no affine
     # parameters). Pooled features share a large common part, so without it LayerNorm(Linear(f)) starts almost the same
     # for every clip and the small presets' audio tokens collapse under MEP; "none" is the paper's Linear + LayerNorm.
@@ -307,6 +310,7 @@ PRESETS: dict[str, Config] = {
         model=ModelConfig(
             dim=256, layers=4, heads=4, ffn_dim=1024, rank=64, max_clips=32,
             visual_width=16, visual_depths=(1, 2, 2, 1), audio_width=16, audio_depths=(1, 2, 2, 1), feature_norm="batchnorm",
+            zero_init_residual=False,
         ),
         data=DataConfig(
             num_clips=8, window_seconds=16.0, frames=16, fps=8.0, crop_size=64, scale_range=(72, 88),
@@ -320,6 +324,7 @@ PRESETS: dict[str, Config] = {
         model=ModelConfig(
             dim=64, layers=2, heads=2, ffn_dim=128, rank=16, max_clips=16,
             visual_width=8, visual_depths=(1, 1, 1, 1), audio_width=8, audio_depths=(1, 1, 1, 1), feature_norm="batchnorm",
+            zero_init_residual=False,
         ),
         data=DataConfig(
             num_clips=4, window_seconds=8.0, frames=4, fps=4.0, crop_size=32, scale_range=(36, 44),

@@ -38,15 +38,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AVMT_CACHE", Path.home() / ".cache" / "avmt"))
 
 
-def synthetic_manifest(data: DataConfig, count: int = 120, progress: bool = True) -> Path:
+def synthetic_manifest(data: DataConfig, count: int = 120, classes: int = 6, progress: bool = True) -> Path:
     """Generate (once) and prepare the synthetic dataset that fits ``data``; returns its manifest path."""
     from avmt.data.prepare import prepare, scan_csv
     from avmt.data.synth import SYNTH_VERSION, SynthSpec, generate
 
     size = max(64, data.scale_range[1] + data.scale_range[1] % 2)  # no upscaling for the largest train scale
     spec = SynthSpec(seconds=data.window_seconds + 4, size=size, fps=max(8, int(math.ceil(data.fps))),
-                     sample_rate=data.sample_rate, num_classes=6)
-    root = cache_dir() / f"synth{SYNTH_VERSION}-{spec.seconds:g}s-{spec.size}px-{spec.fps}fps-{spec.sample_rate}hz-{count}"
+                     sample_rate=data.sample_rate, num_classes=classes)
+    root = cache_dir() / f"synth{SYNTH_VERSION}-{spec.seconds:g}s-{spec.size}px-{spec.fps}fps-{spec.sample_rate}hz-{count}x{classes}"
     manifest = root / "prepared" / "manifest.jsonl"
     if not manifest.exists():
         generate(root / "videos", count, spec, workers=os.cpu_count() or 1, progress=progress)
