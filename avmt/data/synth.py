@@ -68,9 +68,9 @@ def class_sound(label: int) -> tuple[float, np.ndarray]:
     return pitch, timbres[(label * 3 + 1) % len(timbres)]
 
 
-def class_color(label: int) -> np.ndarray:
-    """RGB float32 ``[3]`` of a class's target: saturated, hues spread by the golden ratio (distinct for any count)."""
-    hue = (label * 0.618034) % 1.0
+def class_color(label: int, num_classes: int) -> np.ndarray:
+    """RGB float32 ``[3]`` of a class's target: saturated, the hues evenly spaced around the colour wheel."""
+    hue = (label % num_classes) / num_classes
     k = (np.array([5.0, 3.0, 1.0]) + hue * 6) % 6  # HSV -> RGB with saturation 0.8, value 230
     return (230 * (1 - 0.8 * np.clip(np.minimum(k, 4 - k), 0, 1))).astype(np.float32)
 
@@ -119,7 +119,7 @@ def render(index: int, label: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndar
     distractor_kind = SHAPES[rng.integers(len(SHAPES))]
     d_r = r * rng.uniform(0.5, 0.7)
     distractor, _ = _trajectory(rng, n, spec.fps, s, d_r)
-    color = class_color(label)
+    color = class_color(label, spec.num_classes)
     # Nothing but the target and the distractor's shape and path stays the same across a video's frames: a constant
     # per-video background or distractor colour would let a model tell videos apart without looking at the target.
     d_levels = rng.uniform(70, 150, n).astype(np.float32)  # grey, a new level every frame
