@@ -177,7 +177,7 @@ def test_feature_batchnorm_spreads_the_clip_tokens():
         model = AVBert(load_config("tiny", overrides=[f"model.feature_norm={norm}"]).model)
         _, tokens = model.embed_audio(audio)
         spread[norm] = tokens.flatten(0, 1).std(0).mean().item()  # std across clips, mean over channels
-    assert spread["batchnorm"] > 0.5 and spread["batchnorm"] > 3 * spread["none"], spread
+    assert spread["batchnorm"] > 0.9 and spread["batchnorm"] > 2 * spread["none"], spread
     # one clip in training mode has no batch statistics: the running ones are used instead of failing
     model = AVBert(load_config("tiny").model).train()
     assert torch.isfinite(model(video[:1, :1], audio[:1, :1]).multimodal).all()
