@@ -233,6 +233,8 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
         if epoch_done:
             epoch, batch_in_epoch = epoch + 1, 0
     path = save()
+    if dist.is_initialized():  # the others wait for rank 0's last save before anyone tears the process group down
+        dist.barrier()
 
     summary: dict[str, Any] = {"steps": step, "checkpoint": str(path), "nonfinite_skipped": nonfinite_total}
     if is_main:
