@@ -62,6 +62,7 @@ def test_fake_equals_real_bf16_autocast():
     assert real.activations.keys() == fake.activations.keys()
     assert all(fake.activations[k] == pytest.approx(v, rel=0.01) for k, v in real.activations.items())
     assert real.activations["transformer"] == fake.activations["transformer"]
+    assert real.weight_copies == fake.weight_copies > 0 and fp32.weight_copies == 0
     assert real.activation_bytes < fp32.activation_bytes  # autocast keeps bf16 copies for the matmuls and convolutions
 
 

@@ -12,7 +12,9 @@ measures every component from the tensors themselves:
   (``torch.autograd.graph.saved_tensors_hooks``), each storage counted once (views and tensors saved by
   several ops share one), parameters and the input batch excluded; split by phase (``cnn`` = the per-clip
   CNNs + input projections, ``transformer`` = ``model.encode``, ``heads`` = the objectives). That is the
-  memory the forward leaves alive for backward, i.e. the activation part of the step's peak;
+  memory the forward leaves alive for backward, i.e. the activation part of the step's peak. Saved casts of
+  parameters (under bf16 autocast, the bf16 copy of every weight a matmul or convolution keeps for backward)
+  are reported apart as ``weight_copies``: they scale with the parameters, not with the batch;
 - **peak** (CUDA only): ``torch.cuda.max_memory_allocated`` over a second, steady-state step (weights, the
   optimizer state from step 1, inputs, activations, gradients and temporaries: everything the allocator held).
 
@@ -55,16 +57,43 @@ def _storage_key(t: Tensor) -> tuple[int, Any]:
     return s._cdata, s
 
 
+# autograd nodes that only cast or re-view their single input: a saved tensor reached from a parameter through
+# these alone is a copy of that parameter (under autocast: its bf16 copy), not an activation
+_COPY_NODES = frozenset({
+    "ToCopyBackward0", "TBackward0", "TransposeBackward0", "ViewBackward0", "UnsafeViewBackward0", "SelectBackward0",
+    "SliceBackward0", "ExpandBackward0", "PermuteBackward0", "AliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "ReshapeAliasBackward0", "CloneBackward0", "_ToCopyBackward0",
+})
+
+
+def _is_parameter_copy(t: Tensor) -> bool:
+    node = t.grad_fn
+    for _ in range(8):
+        if node is None:
+            return False
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            return isinstance(node.variable, nn.Parameter)
+        if node.name() not in _COPY_NODES:
+            return False
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
+
+
 class SavedTensorCounter:
     """Counts the bytes autograd saves for backward, each storage once, attributed to the current ``phase``.
 
-    Storages registered with :meth:`exclude` (parameters, inputs) are never counted as activations.
+    Storages registered with :meth:`exclude` (parameters, inputs) are never counted. A saved tensor that is only a
+    cast/view of a parameter (the bf16 weight copies autocast makes) goes to :attr:`weight_copies`, not to a phase.
     Use as ``with counter: ...forward...``; set ``counter.phase`` between the parts of the forward.
     """
 
     def __init__(self) -> None:
         self.phase = "other"
         self.by_phase: dict[str, int] = {}
+        self.weight_copies = 0
         self.saved_calls = 0
         self._seen: dict[int, Any] = {}  # holds the storages, so a StorageImpl address is never reused while counting
         self._excluded: dict[int, Any] = {}
@@ -80,7 +109,10 @@ class SavedTensorCounter:
         key, s = _storage_key(t)
         if key not in self._excluded and key not in self._seen:
             self._seen[key] = s
-            self.by_phase[self.phase] = self.by_phase.get(self.phase, 0) + s.nbytes()
+            if _is_parameter_copy(t):
+                self.weight_copies += s.nbytes()
+            else:
+                self.by_phase[self.phase] = self.by_phase.get(self.phase, 0) + s.nbytes()
         return t
 
     @property
@@ -131,7 +163,8 @@ class StepMemory:
     optimizer: dict[str, int]  # per-parameter AdamW buffers
     optimizer_steps: int  # the scalar `step` tensors of the optimizer state
     optimizer_buffers: int  # state tensors per parameter (3 with AMSGrad)
-    activations: dict[str, int]  # saved for backward, per phase of the forward
+    activations: dict[str, int]  # saved for backward, per phase of the forward (weight copies excluded)
+    weight_copies: int  # saved for backward: casts of parameters (bf16 autocast's weight copies; 0 in fp32)
     inputs: int  # the batch (clips, or clip tokens for the transformer scope)
     peak_allocated: int | None = None  # CUDA: allocator peak (all tensors) during a second, steady-state step
     seconds: float = 0.0  # wall time of the measurement (fake mode: shape propagation only)
@@ -147,12 +180,12 @@ class StepMemory:
 
     @property
     def estimated_peak(self) -> int:
-        """weights + gradients + optimizer state (all in scope) + activations + inputs: the step's peak if they were
+        """weights + gradients + optimizer state (all in scope) + activations + weight copies + inputs: the step's peak if they were
         all alive at once, without temporaries (workspace, intermediate results not saved for backward). An
         estimate: in a real step the gradients grow while the activations are freed. On a GPU,
         :attr:`peak_allocated` is the measured peak."""
         return sum(self.weights.values()) + sum(self.grads.values()) + sum(self.optimizer.values()) + self.optimizer_steps + \
-            self.activation_bytes + self.inputs
+            self.activation_bytes + self.weight_copies + self.inputs
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -295,6 +328,7 @@ def measure_step(
         scope=scope, mode=mode, device=str(device), precision=precision, batch=batch, clips=t, sharing=m.sharing, dim=m.dim,
         layers=m.layers, heads=m.heads, ffn_dim=m.ffn_dim, rank=m.rank, params=params, weights=weights, grads=grads,
         optimizer=optimizer, optimizer_steps=step_bytes, optimizer_buffers=max(n_buffers, default=0), activations=dict(counter.by_phase),
+        weight_copies=counter.weight_copies,
         inputs=input_bytes, peak_allocated=peak, seconds=time.perf_counter() - start,
     )
 

@@ -22,8 +22,9 @@ from typing import Any, Iterable
 from avmt.config import SHARING_SCHEMES
 
 MiB = 2**20
-COMPONENTS = ("weights", "grads", "optimizer", "activations")
-COMPONENT_LABELS = {"weights": "weights", "grads": "gradients", "optimizer": "AdamW state (3 buffers)", "activations": "activations"}
+COMPONENTS = ("weights", "grads", "optimizer", "weight_copies", "activations")
+COMPONENT_LABELS = {"weights": "weights", "grads": "gradients", "optimizer": "AdamW state (3 buffers)",
+                    "weight_copies": "bf16 weight copies (autocast)", "activations": "activations"}
 
 
 @dataclass
@@ -121,6 +122,8 @@ def memory_records(res: Results) -> dict[tuple, Record]:
 def _mem_component(info: dict[str, Any], comp: str, parts: tuple[str, ...] | None = None) -> int:
     if comp == "activations":
         return int(sum(info["activations"].values()))
+    if comp == "weight_copies":
+        return int(info.get("weight_copies", 0))
     d = info[comp]
     return int(sum(v for k, v in d.items() if parts is None or k in parts))
 
@@ -149,9 +152,10 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
     md += [
         "Bytes of one training step (`avmt.bench.memory.measure_step`): weights, gradients and AdamW+AMSGrad state "
         "(3 buffers) from the tensors after a real `optimizer.step()`; activations = what autograd saves for backward "
-        "(`saved_tensors_hooks`, each storage once, parameters and the input batch excluded). `fake` = FakeTensorMode "
+        "(`saved_tensors_hooks`, each storage once, parameters and the input batch excluded; saved casts of parameters, i.e. "
+        "the bf16 weight copies autocast keeps, are a column of their own). `fake` = FakeTensorMode "
         "(shapes only, no compute; checked equal to real runs), `real` = computed on the device named. *total* = "
-        "weights + gradients + optimizer + activations + inputs: an estimate of the peak without temporaries.",
+        "weights + gradients + optimizer + weight copies + activations + inputs: an estimate of the peak without temporaries.",
         "",
     ]
     ratio = transformer_ratio(res)
@@ -182,8 +186,9 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
                     continue
                 first = next(iter(rows.values()))
                 md += [f"### {title}: `{preset}` preset, {precision}", "", describe(first), ""]
+                copies = any(r.info.get("weight_copies") for r in rows.values())
                 head = ["scheme", "Transformer params", "weights MiB", "gradients MiB", "AdamW MiB", "Transformer w+g+opt MiB",
-                        "vs none", "activations MiB", "(CNN / Transformer / heads)", "total MiB"]
+                        "vs none", "activations MiB", "(CNN / Transformer / heads)", *(["bf16 weight copies MiB"] if copies else []), "total MiB"]
                 base = rows.get("none")
                 table = []
                 for s, r in rows.items():
@@ -195,11 +200,11 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
                     table.append([f"`{s}`", f"{i['params']['transformer']:,}", _mib(_mem_component(i, "weights", parts)),
                                   _mib(_mem_component(i, "grads", parts)), _mib(_mem_component(i, "optimizer", parts)), _mib(tstate),
                                   f"{bstate / tstate:.1f}× smaller" if bstate and s != "none" else "-", _mib(_mem_component(i, "activations")),
-                                  split, _mib(i["estimated_peak"]) + peak])
+                                  split, *([_mib(i.get("weight_copies", 0))] if copies else []), _mib(i["estimated_peak"]) + peak])
                 md += [_table(head, table), ""]
-                if plots and precision == "fp32":
-                    name = f"memory_{scope}_{preset}.png"
-                    _plot_stacked(rows, parts, out_dir / name, f"{title}\n{preset} preset, batch {first.info['batch']}, T={first.info['clips']}, fp32")
+                if plots:
+                    name = f"memory_{scope}_{preset}{'_bf16' if precision == 'bf16' else ''}.png"
+                    _plot_stacked(rows, parts, out_dir / name, f"{title}\n{preset} preset, batch {first.info['batch']}, T={first.info['clips']}, {precision}")
                     md += [f"![{title}, {preset}]({name})", ""]
 
     # 2. sweeps around the paper preset
@@ -256,9 +261,11 @@ def _plot_stacked(rows: dict[str, Record], parts: tuple[str, ...] | None, path: 
     schemes = list(rows)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     bottom = [0.0] * len(schemes)
-    colors = {"weights": "#4c72b0", "grads": "#55a868", "optimizer": "#c44e52", "activations": "#8172b2"}
+    colors = {"weights": "#4c72b0", "grads": "#55a868", "optimizer": "#c44e52", "weight_copies": "#dd8452", "activations": "#8172b2"}
     for comp in COMPONENTS:
         vals = [_mem_component(rows[s].info, comp, parts) / MiB for s in schemes]
+        if not any(vals):
+            continue
         ax.bar(schemes, vals, bottom=bottom, label=COMPONENT_LABELS[comp], color=colors[comp])
         bottom = [b + v for b, v in zip(bottom, vals)]
     for x, b in enumerate(bottom):
