@@ -137,7 +137,7 @@ def test_report_renders_measured_records(tmp_path):
     assert f"{ratio['ratio']:.1f}× smaller" in md
     assert f"{none['params']['transformer']:,}" in md
     assert "No GPU results yet" in md and "junk.json" in md
-    for png in ("memory_transformer_paper.png", "speed_step.png"):
+    for png in ("memory_transformer_paper_b2_t4_fp32.png", "speed_step.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in md
 
 

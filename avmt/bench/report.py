@@ -163,10 +163,14 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
         md += [f"**Transformer part, paper preset: weights + gradients + AdamW state {_mib(ratio['none_bytes'])} MiB (`none`) vs "
                f"{_mib(ratio['lowrank_bytes'])} MiB (`lowrank`): {ratio['ratio']:.1f}× smaller** (parameter ratio {ratio['param_ratio']:.1f}×).", ""]
 
-    def group(scope: str, preset: str, variant: str, precision: str = "fp32") -> dict[str, Record]:
+    def shapes(scope: str, preset: str, variant: str, precision: str) -> list[tuple[int, int]]:
+        """The (batch, clips) measured for this case, largest batch first."""
+        return sorted({(k[6], k[7]) for k in mem if k[0] == scope and k[3] == preset and k[4] == variant and k[2] == precision}, reverse=True)
+
+    def group(scope: str, preset: str, variant: str, precision: str, shape: tuple[int, int]) -> dict[str, Record]:
         rows = {}
-        for k, r in sorted(mem.items(), key=lambda kv: (kv[0][1] != "real", kv[0][6])):  # prefer real, then the smaller batch
-            if k[0] == scope and k[3] == preset and k[4] == variant and k[2] == precision:
+        for k, r in sorted(mem.items(), key=lambda kv: kv[0][1] != "real"):  # real over fake (equal where both ran: tested)
+            if k[0] == scope and k[3] == preset and k[4] == variant and k[2] == precision and (k[6], k[7]) == shape:
                 rows.setdefault(k[5], r)
         return dict(sorted(rows.items(), key=lambda kv: _scheme_order(kv[0])))
 
@@ -180,12 +184,12 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
                                 ("model", "Whole model with CNNs (CNNs + projections + Transformers)", None),
                                 ("pretraining", "Real pretraining step (MEP + CPP heads included)", None)):
         for preset in sorted({k[3] for k in mem if k[0] == scope}, key=lambda p: (p != "paper", p)):
-            for precision in ("fp32", "bf16"):
-                rows = group(scope, preset, preset if preset != "paper" else "paper", precision)
-                if not rows:
-                    continue
+            for precision, shape in ((p, sh) for p in ("fp32", "bf16") for sh in shapes(scope, preset, preset, p)):
+                rows = group(scope, preset, preset, precision, shape)
                 first = next(iter(rows.values()))
-                md += [f"### {title}: `{preset}` preset, {precision}", "", describe(first), ""]
+                modes = sorted({r.info["mode"] for r in rows.values()})
+                md += [f"### {title}: `{preset}` preset, batch {shape[0]} × T={shape[1]}, {precision}", "",
+                       describe(first).replace(f", {first.info['mode']} on", f", {' + '.join(modes)} on"), ""]
                 copies = any(r.info.get("weight_copies") for r in rows.values())
                 head = ["scheme", "Transformer params", "weights MiB", "gradients MiB", "AdamW MiB", "Transformer w+g+opt MiB",
                         "vs none", "activations MiB", "(CNN / Transformer / heads)", *(["bf16 weight copies MiB"] if copies else []), "total MiB"]
@@ -203,7 +207,7 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
                                   split, *([_mib(i.get("weight_copies", 0))] if copies else []), _mib(i["estimated_peak"]) + peak])
                 md += [_table(head, table), ""]
                 if plots:
-                    name = f"memory_{scope}_{preset}{'_bf16' if precision == 'bf16' else ''}.png"
+                    name = f"memory_{scope}_{preset}_b{shape[0]}_t{shape[1]}_{precision}.png"
                     _plot_stacked(rows, parts, out_dir / name, f"{title}\n{preset} preset, batch {first.info['batch']}, T={first.info['clips']}, {precision}")
                     md += [f"![{title}, {preset}]({name})", ""]
 
@@ -217,7 +221,7 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
         cols = [s for s in SHARING_SCHEMES if any(k[5] == s for k in mem if k[0] == scope)]
         table, sweep = [], {}
         for v in sorted(variants, key=_variant_order):
-            rows = group(scope, "paper", v)
+            rows = group(scope, "paper", v, "fp32", next((sh for sh in shapes(scope, "paper", v, "fp32") if sh[0] == SWEEP_BATCH), (-1, -1)))
             if not rows:
                 continue
             first = next(iter(rows.values())).info
@@ -234,12 +238,13 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
         md += [_table(["variant", "shape", *[f"`{s}`" for s in cols]], table), ""]
         if plots:
             name = f"memory_sweep_{scope}.png"
-            _plot_sweep(sweep, cols, out_dir / name, f"{title}: memory vs D, L, T (paper preset otherwise), fp32")
+            _plot_sweep(sweep, cols, out_dir / name, f"{title}: memory vs D, L, T (paper preset otherwise), fp32, batch {SWEEP_BATCH}; activations of none/layers/all coincide")
             md += [f"![{title} sweep]({name})", ""]
     return md
 
 
-BATCH_NOTE = "4 (the paper's per-GPU batch)"
+SWEEP_BATCH = 4
+BATCH_NOTE = f"{SWEEP_BATCH} (the paper's per-GPU batch)"
 
 
 def _variant_order(v: str) -> tuple[int, int]:
