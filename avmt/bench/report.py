@@ -354,8 +354,11 @@ def _load_note(records: list[Record]) -> str:
     loads = sorted({r.info["loadavg"] for r in records if r.info.get("loadavg") is not None})
     if not loads:
         return ""
-    return (f"1-minute load average during these runs: {loads[0]:.1f} to {loads[-1]:.1f} on {records[0].info.get('cpus', '?')} cores "
-            "(other work shared the machine: CPU times are noisy; compare min and median).")
+    cpus = records[0].info.get("cpus") or 0
+    note = f"1-minute load average during these runs: {loads[0]:.1f} to {loads[-1]:.1f} on {cpus or '?'} cores"
+    if cpus and loads[-1] > 1.5 * cpus:
+        note += " (other work shared the machine: CPU times are noisy; compare min and median)"
+    return note + "."
 
 
 # -- kernels, sampling, loader, largest batch -------------------------------------------------------------------------
