@@ -1,6 +1,7 @@
 """The CPU (PyAV) and DALI loaders: batch contract, windowed decoding, equivalence, failures, memory."""
 
 import dataclasses
+import gc
 import logging
 
 import numpy as np
@@ -25,6 +26,16 @@ def prepared(tmp_path_factory, fmt: str):
     s = prepare(items, out, sample_rate=SR, min_seconds=2.0, progress=False)
     assert s.kept == 5, s
     return out
+
+
+@pytest.fixture(autouse=True)
+def _destroy_dali_pipelines():
+    """Free every unreachable DALI pipeline in this process after each test. Left in a reference cycle, a pipeline
+    is destroyed by the garbage collector of whichever process runs it next, e.g. a worker that a later test forks
+    (prepare's pool, a DataLoader): there DALI's threads do not exist and the destructor waits for them forever.
+    Seen as a hang in test_data_prepare when the tests before it had shifted the GC's timing."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
