@@ -87,8 +87,9 @@ class LowRankLinear(nn.Module):
         if self.backend(x) == "triton":
             from avmt.kernels.lowrank_linear import lowrank_linear
 
-            dt = _kernel_dtype(x)
-            return lowrank_linear(x.to(dt), self.V.to(dt), rs, self.U.to(dt), self.bias, group=group, gelu=gelu, eps=self.eps)
+            # the parameters go in as they are (fp32 under autocast): the kernels cast them on load, so no
+            # per-call cast copies; only the activations are cast, as autocast's matmuls would cast them
+            return lowrank_linear(x.to(_kernel_dtype(x)), self.V, rs, self.U, self.bias, group=group, gelu=gelu, eps=self.eps)
         r = rs[group]
         z = F.normalize(x @ self.V[group], dim=-1, eps=self.eps)
         y = F.linear(z @ r.transpose(0, 1), self.U, self.bias)
@@ -162,8 +163,9 @@ class TransformerLayer(nn.Module):
 
             maps = (self.query, self.key, self.value)
             rots = [cache.rotations(m) if cache is not None else m.rotations() for m in maps]
-            dt = _kernel_dtype(x)
-            q, k, v = lowrank_qkv(x.to(dt), [m.V.to(dt) for m in maps], rots, [m.U.to(dt) for m in maps], [m.bias for m in maps],
+            # each map's own parameters, neither stacked nor cast: the kernel reads the three maps through
+            # separate pointers and casts on load, and the gradients land on each map's U, bias, V and A
+            q, k, v = lowrank_qkv(x.to(_kernel_dtype(x)), [m.V for m in maps], rots, [m.U for m in maps], [m.bias for m in maps],
                                   self.heads, group=group, eps=self.query.eps)
         else:
             q, k, v = (m(x, group, cache).view(b, s, self.heads, d // self.heads).transpose(1, 2) for m in (self.query, self.key, self.value))
