@@ -84,6 +84,18 @@ def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _rot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` for the O x O rotation steps, fp32 operands: IEEE for fp32 compute; TF32 tensor cores for bf16/fp16
+    compute, where the reference's own rotation matmul runs in bf16/fp16 under autocast (TF32 keeps more bits).
+    An IEEE (FMA) dot of a [BT, 128] by [128, 128] fp32 tile spills kilobytes of registers per thread on sm_90
+    (cuobjdump of the cubin compiled here without a GPU); TF32 does not."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
 def _gelu_grad_tl(pre):
     """d/dpre of the erf GELU (fp32)."""
     cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
@@ -139,7 +151,7 @@ def _lowrank_fwd_kernel(
     tl.store(n_ptr + p * s_np + rows, norm, mask=rmask)
     # w = z @ R^T: load R transposed, rt[j, i] = R[i, j]
     rt = tl.load(r_base + offs_o[:, None] * s_rj + offs_o[None, :] * s_ri, mask=omask[:, None] & omask[None, :], other=0.0)
-    w = tl.dot(z, rt.to(tl.float32), input_precision="ieee")
+    w = _rot(z, rt.to(tl.float32), IEEE)
     w = w.to(DT)  # expansion runs in the compute dtype (bf16/fp16 tensor cores), fp32 accumulation
 
     # 3. expansion, bias, activation, slice by slice of M
@@ -186,7 +198,8 @@ def _lowrank_bwd_dx_kernel(
     tile = rmask[:, None] & omask[None, :]
     ro = rows[:, None] * s_wt + offs_o[None, :] * s_wo
 
-    for p in tl.static_range(P):  # p is a compile-time constant: the pointer pick costs nothing
+    # a runtime loop, not static_range: unrolled, each map got its own shared-memory buffers (over 227 KB at P=3)
+    for p in range(P):
         r_base = _pick(p, r0, r1, r2) + g * s_rg
         u_base = _pick(p, u0, u1, u2)
         b_base = _pick(p, b0, b1, b2)
@@ -195,7 +208,7 @@ def _lowrank_bwd_dx_kernel(
         # R^T (rt[j, i] = R[i, j]): w = z R^T exactly as the forward computed it
         rt = tl.load(r_base + offs_o[:, None] * s_rj + offs_o[None, :] * s_ri, mask=omask[:, None] & omask[None, :],
                      other=0.0).to(tl.float32)
-        w = tl.dot(z, rt, input_precision="ieee").to(DT)
+        w = _rot(z, rt, IEEE).to(DT)
         tl.store(w_ptr + p * s_wp + ro, w, mask=tile)  # for the dU reduction, in the dtype its dot consumes
 
         # dw = dpre @ U over M slices; dpre stays on chip
@@ -220,7 +233,7 @@ def _lowrank_bwd_dx_kernel(
         # R reloaded (an L2 hit) instead of keeping the O x O tile live in registers across the M loop
         r = tl.load(r_base + offs_o[:, None] * s_ri + offs_o[None, :] * s_rj, mask=omask[:, None] & omask[None, :],
                     other=0.0).to(tl.float32)
-        dz = tl.dot(dw, r, input_precision="ieee")
+        dz = _rot(dw, r, IEEE)
         clamped = nrm <= eps
         zdz = tl.sum(z * dz, axis=1)
         dq = tl.where(clamped[:, None], dz / eps, (dz - z * zdz[:, None]) / tl.where(clamped, 1.0, nrm)[:, None])
@@ -234,7 +247,7 @@ def _lowrank_bwd_dx_kernel(
             ns = n0 + tl.arange(0, BN)
             nmask = ns < N
             acc = tl.zeros([BT, BN], dtype=tl.float32)
-            for p in tl.static_range(P):
+            for p in range(P):
                 v_base = _pick(p, v0, v1, v2) + g * s_vg
                 dq = tl.load(dq_ptr + p * s_wp + ro, mask=tile, other=0.0)
                 vt = tl.load(v_base + offs_o[:, None] * s_vo + ns[None, :] * s_vn, mask=omask[:, None] & nmask[None, :],
