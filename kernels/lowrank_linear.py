@@ -22,12 +22,14 @@ than ``N``/``M`` at paper shapes).
 
 Backward (``backward="triton"``, the default), a mix of two Triton kernels and cuBLAS:
 
-- ``_lowrank_bwd_dx_kernel`` (Triton), per token block of one segment, all ``P`` maps: recompute
-  ``w = z R_mᵀ`` from the saved ``z``; loop over ``M``: ``dpre = dy · GELU'(w Uᵀ + b)`` (pre-activation
-  recomputed, O-deep, instead of stored, M-wide), ``dw += dpre U``; then ``dz = dw R_m``, the ``normalize()``
-  Jacobian ``dq = (dz - z (z·dz)) / ||q||`` (``dz / eps`` on clamped rows, as the forward clamps), and
-  ``dx = Σ_p dq_p V_pᵀ`` slice by slice of ``N``. ``dpre`` (M wide) never reaches memory; ``w``, ``dw``, ``dq``
-  (O wide) are written once for the weight gradients.
+- ``_lowrank_bwd_dx_kernel`` (Triton), per token block of one segment and one map: recompute ``w = z R_mᵀ`` from
+  the saved ``z``; loop over ``M``: ``dpre = dy · GELU'(w Uᵀ + b)`` (pre-activation recomputed, O-deep, instead
+  of stored, M-wide), ``dw += dpre U``; then ``dz = dw R_m``, the ``normalize()`` Jacobian
+  ``dq = (dz - z (z·dz)) / ||q||`` (``dz / eps`` on clamped rows, as the forward clamps), and for a single map
+  ``dx = dq V_mᵀ`` slice by slice of ``N`` from the dq still on chip. ``dpre`` (M wide) never reaches memory;
+  ``w``, ``dw``, ``dq`` (O wide) are written once for the weight gradients.
+- ``_lowrank_bwd_dxsum_kernel`` (Triton), only for Q/K/V (``P = 3``): ``dx = Σ_p dq_p V_pᵀ`` from the written dq
+  (see its docstring for why this is not inside the dx kernel).
 - ``_lowrank_bwd_du_kernel`` (Triton): ``dU = dpreᵀ w`` and ``db = Σ dpre`` over all tokens (``U``, ``b`` are
   shared by every group, so segments do not matter here), with ``dpre`` recomputed from ``dy`` and ``w`` once
   more so that it is never materialised; two-stage: per token chunk partial sums, then a torch sum.
@@ -182,12 +184,91 @@ def _lowrank_bwd_dx_kernel(
     s_bm,
     s_dxt, s_dxn,
     s_wp, s_wt, s_wo,  # w, dw and dq share one [P, T, O] layout
-    P: tl.constexpr, GELU: tl.constexpr, IEEE: tl.constexpr, NEED_DX: tl.constexpr,
+    GELU: tl.constexpr, IEEE: tl.constexpr, FUSE_DX: tl.constexpr,
     BT: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """One block of ``BT`` tokens of one segment, every map: dy -> (w, dw, dq) per map, then dx summed over maps."""
+    """One block of ``BT`` tokens of one segment, one map ``p``: dy -> (w, dw, dq) and, with ``FUSE_DX`` (a single
+    map), dx = dq Vᵀ straight from the on-chip dq."""
     blk = tl.program_id(0)
+    p = tl.program_id(1)
     DT = dx_ptr.dtype.element_ty  # compute dtype (x's)
+    start = tl.load(table_ptr + 3 * blk)
+    end = tl.load(table_ptr + 3 * blk + 1)
+    g = tl.load(table_ptr + 3 * blk + 2)
+    r_base = _pick(p, r0, r1, r2) + g * s_rg
+    u_base = _pick(p, u0, u1, u2)
+    b_base = _pick(p, b0, b1, b2)
+    rows = start + tl.arange(0, BT)
+    rmask = rows < end
+    offs_o = tl.arange(0, BO)
+    omask = offs_o < O
+    tile = rmask[:, None] & omask[None, :]
+    ro = p * s_wp + rows[:, None] * s_wt + offs_o[None, :] * s_wo
+
+    z = tl.load(z_ptr + p * s_zp + rows[:, None] * s_zt + offs_o[None, :] * s_zo, mask=tile, other=0.0)
+    nrm = tl.load(n_ptr + p * s_np + rows, mask=rmask, other=1.0)
+    # R^T (rt[j, i] = R[i, j]): w = z R^T exactly as the forward computed it
+    rt = tl.load(r_base + offs_o[:, None] * s_rj + offs_o[None, :] * s_ri, mask=omask[:, None] & omask[None, :],
+                 other=0.0).to(tl.float32)
+    w = _rot(z, rt, IEEE).to(DT)
+    tl.store(w_ptr + ro, w, mask=tile)  # for the dU reduction, in the dtype its dot consumes
+
+    # dw = dpre @ U over M slices; dpre stays on chip
+    dw = tl.zeros([BT, BO], dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        ms = m0 + tl.arange(0, BM)
+        mmask = ms < M
+        dyt = tl.load(dy_ptr + p * s_dyp + rows[:, None] * s_dyt + ms[None, :] * s_dym,
+                      mask=rmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)
+        ut = tl.load(u_base + offs_o[:, None] * s_uo + ms[None, :] * s_um, mask=omask[:, None] & mmask[None, :],
+                     other=0.0)  # [BO, BM] = U[ms, :]^T
+        if GELU:  # recompute the pre-activation (O-deep) rather than store it (M-wide)
+            bias = tl.load(b_base + ms * s_bm, mask=mmask, other=0.0).to(tl.float32)
+            pre = _dot(w, ut, IEEE, DT) + bias[None, :]
+            dpre = dyt * _gelu_grad_tl(pre)
+        else:
+            dpre = dyt
+        dw += _dot(dpre, tl.trans(ut), IEEE, DT)
+    tl.store(dw_ptr + ro, dw, mask=tile)
+
+    # back through the rotation (dz = dw R) and normalize(): q = V^T x, z = q / max(||q||, eps)
+    # R reloaded (an L2 hit) instead of keeping the O x O tile live in registers across the M loop
+    r = tl.load(r_base + offs_o[:, None] * s_ri + offs_o[None, :] * s_rj, mask=omask[:, None] & omask[None, :],
+                other=0.0).to(tl.float32)
+    dz = _rot(dw, r, IEEE)
+    clamped = nrm <= eps
+    zdz = tl.sum(z * dz, axis=1)
+    dq = tl.where(clamped[:, None], dz / eps, (dz - z * zdz[:, None]) / tl.where(clamped, 1.0, nrm)[:, None])
+    tl.store(dq_ptr + ro, dq, mask=tile)  # for dV = x^T dq (cuBLAS), and for the dx sum over maps
+
+    if FUSE_DX:  # one map: dx = dq V^T from the dq still on chip, slice by slice of N
+        v_base = _pick(p, v0, v1, v2) + g * s_vg
+        for n0 in range(0, N, BN):
+            ns = n0 + tl.arange(0, BN)
+            nmask = ns < N
+            vt = tl.load(v_base + offs_o[:, None] * s_vo + ns[None, :] * s_vn, mask=omask[:, None] & nmask[None, :],
+                         other=0.0)  # [BO, BN] = V[ns, :]^T
+            dxt = _dot(dq, vt, IEEE, DT)
+            tl.store(dx_ptr + rows[:, None] * s_dxt + ns[None, :] * s_dxn, dxt.to(DT), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _lowrank_bwd_dxsum_kernel(
+    dq_ptr, v0, v1, v2, dx_ptr, table_ptr,
+    N, O,
+    s_wp, s_wt, s_wo,
+    s_vg, s_vn, s_vo,
+    s_dxt, s_dxn,
+    P: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BO: tl.constexpr, BN: tl.constexpr,
+):
+    """``dx[rows, ns] = Σ_p dq_p V_p[m]ᵀ`` for several maps (Q, K, V) reading the same x: one token block by one
+    ``BN`` slice of N per program. Splitting this from the dx kernel costs a reread of dq (O wide, just written,
+    mostly from L2) but runs the maps' dq in parallel programs; the in-kernel loop over the maps spilled ~2 KB of
+    registers per thread on sm_90 (cuobjdump, compiled here without a GPU)."""
+    blk = tl.program_id(0)
+    nb = tl.program_id(1)
+    DT = dx_ptr.dtype.element_ty
     start = tl.load(table_ptr + 3 * blk)
     end = tl.load(table_ptr + 3 * blk + 1)
     g = tl.load(table_ptr + 3 * blk + 2)
@@ -195,65 +276,16 @@ def _lowrank_bwd_dx_kernel(
     rmask = rows < end
     offs_o = tl.arange(0, BO)
     omask = offs_o < O
-    tile = rmask[:, None] & omask[None, :]
-    ro = rows[:, None] * s_wt + offs_o[None, :] * s_wo
-
-    # a runtime loop, not static_range: unrolled, each map got its own shared-memory buffers (over 227 KB at P=3)
-    for p in range(P):
-        r_base = _pick(p, r0, r1, r2) + g * s_rg
-        u_base = _pick(p, u0, u1, u2)
-        b_base = _pick(p, b0, b1, b2)
-        z = tl.load(z_ptr + p * s_zp + rows[:, None] * s_zt + offs_o[None, :] * s_zo, mask=tile, other=0.0)
-        nrm = tl.load(n_ptr + p * s_np + rows, mask=rmask, other=1.0)
-        # R^T (rt[j, i] = R[i, j]): w = z R^T exactly as the forward computed it
-        rt = tl.load(r_base + offs_o[:, None] * s_rj + offs_o[None, :] * s_ri, mask=omask[:, None] & omask[None, :],
-                     other=0.0).to(tl.float32)
-        w = _rot(z, rt, IEEE).to(DT)
-        tl.store(w_ptr + p * s_wp + ro, w, mask=tile)  # for the dU reduction, in the dtype its dot consumes
-
-        # dw = dpre @ U over M slices; dpre stays on chip
-        dw = tl.zeros([BT, BO], dtype=tl.float32)
-        for m0 in range(0, M, BM):
-            ms = m0 + tl.arange(0, BM)
-            mmask = ms < M
-            dyt = tl.load(dy_ptr + p * s_dyp + rows[:, None] * s_dyt + ms[None, :] * s_dym,
-                          mask=rmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)
-            ut = tl.load(u_base + offs_o[:, None] * s_uo + ms[None, :] * s_um, mask=omask[:, None] & mmask[None, :],
-                         other=0.0)  # [BO, BM] = U[ms, :]^T
-            if GELU:  # recompute the pre-activation (O-deep) rather than store it (M-wide)
-                bias = tl.load(b_base + ms * s_bm, mask=mmask, other=0.0).to(tl.float32)
-                pre = _dot(w, ut, IEEE, DT) + bias[None, :]
-                dpre = dyt * _gelu_grad_tl(pre)
-            else:
-                dpre = dyt
-            dw += _dot(dpre, tl.trans(ut), IEEE, DT)
-        tl.store(dw_ptr + p * s_wp + ro, dw, mask=tile)
-
-        # back through the rotation (dz = dw R) and normalize(): q = V^T x, z = q / max(||q||, eps)
-        # R reloaded (an L2 hit) instead of keeping the O x O tile live in registers across the M loop
-        r = tl.load(r_base + offs_o[:, None] * s_ri + offs_o[None, :] * s_rj, mask=omask[:, None] & omask[None, :],
-                    other=0.0).to(tl.float32)
-        dz = _rot(dw, r, IEEE)
-        clamped = nrm <= eps
-        zdz = tl.sum(z * dz, axis=1)
-        dq = tl.where(clamped[:, None], dz / eps, (dz - z * zdz[:, None]) / tl.where(clamped, 1.0, nrm)[:, None])
-        tl.store(dq_ptr + p * s_wp + ro, dq, mask=tile)
-
-    if NEED_DX:
-        # dq of every map was just written by this program; the barrier makes those stores visible to the
-        # threads that reload them below (a tile's layout may spread it over other threads than the store's)
-        tl.debug_barrier()
-        for n0 in range(0, N, BN):
-            ns = n0 + tl.arange(0, BN)
-            nmask = ns < N
-            acc = tl.zeros([BT, BN], dtype=tl.float32)
-            for p in range(P):
-                v_base = _pick(p, v0, v1, v2) + g * s_vg
-                dq = tl.load(dq_ptr + p * s_wp + ro, mask=tile, other=0.0)
-                vt = tl.load(v_base + offs_o[:, None] * s_vo + ns[None, :] * s_vn, mask=omask[:, None] & nmask[None, :],
-                             other=0.0)  # [BO, BN] = V[ns, :]^T
-                acc += _dot(dq, vt, IEEE, DT)
-            tl.store(dx_ptr + rows[:, None] * s_dxt + ns[None, :] * s_dxn, acc.to(DT), mask=rmask[:, None] & nmask[None, :])
+    ns = nb * BN + tl.arange(0, BN)
+    nmask = ns < N
+    acc = tl.zeros([BT, BN], dtype=tl.float32)
+    for p in tl.static_range(P):  # small: a [BT, O] and an [O, BN] tile per map
+        v_base = _pick(p, v0, v1, v2) + g * s_vg
+        dq = tl.load(dq_ptr + p * s_wp + rows[:, None] * s_wt + offs_o[None, :] * s_wo,
+                     mask=rmask[:, None] & omask[None, :], other=0.0)
+        vt = tl.load(v_base + offs_o[:, None] * s_vo + ns[None, :] * s_vn, mask=omask[:, None] & nmask[None, :], other=0.0)
+        acc += _dot(dq, vt, IEEE, DT)
+    tl.store(dx_ptr + rows[:, None] * s_dxt + ns[None, :] * s_dxn, acc.to(DT), mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -382,7 +414,7 @@ def _du_chunk(t: int, m: int, p: int, bt: int, bm: int, device: torch.device) ->
     """Tokens per program of the dU/db reduction (a multiple of ``bt``): enough chunks that the grid fills a GPU
     (~512 programs), but at least 8 token blocks each so the partial sums stay few (unmeasured)."""
     if device.type != "cuda":
-        return triton.cdiv(t, bt) * bt  # interpreter: one chunk, fewest programs
+        return 2 * bt  # interpreter: small chunks, so the CPU tests (up to 129 tokens) exercise the two-stage sum
     chunks = max(1, 512 // (triton.cdiv(m, bm) * p))
     per = max(8, triton.cdiv(triton.cdiv(t, chunks), bt))
     return per * bt
@@ -414,7 +446,8 @@ def _lowrank_fused_bwd(
         return dx, w, dw, dq, dU_part.sum(0), db_part.sum(0)
     V, R, U, B = _slots(Vs), _slots(Rs), _slots(Us), _slots(bs)
     warps = 8 if bo >= 128 else 4
-    wrap_triton(_lowrank_bwd_dx_kernel)[(table_bwd.shape[0],)](
+    fuse_dx = need_dx and p == 1
+    wrap_triton(_lowrank_bwd_dx_kernel)[(table_bwd.shape[0], p)](
         dy, z, norm, *V, *R, *U, *B, dx, w, dw, dq, table_bwd,
         t, n, m, o, eps,
         dy.stride(0), dy.stride(1), dy.stride(2),
@@ -426,8 +459,18 @@ def _lowrank_fused_bwd(
         B[0].stride(0),
         dx.stride(0), dx.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
-        P=p, GELU=gelu, IEEE=ieee, NEED_DX=need_dx, BT=bt, BO=bo, BM=bm, BN=bn, num_warps=warps,
+        GELU=gelu, IEEE=ieee, FUSE_DX=fuse_dx, BT=bt, BO=bo, BM=bm, BN=bn, num_warps=warps,
     )
+    if need_dx and not fuse_dx:  # several maps: sum their dq V^T in a second launch
+        bn_sum = min(bn, 32)  # 32-wide N slices with 4 warps compile without spills on sm_90 (64 spilled)
+        wrap_triton(_lowrank_bwd_dxsum_kernel)[(table_bwd.shape[0], triton.cdiv(n, bn_sum))](
+            dq, *V, dx, table_bwd,
+            n, o,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            V[0].stride(0), V[0].stride(1), V[0].stride(2),
+            dx.stride(0), dx.stride(1),
+            P=p, IEEE=ieee, BT=bt, BO=bo, BN=bn_sum, num_warps=4,
+        )
     wrap_triton(_lowrank_bwd_du_kernel)[(triton.cdiv(m, bm), p, chunks)](
         dy, w, *U, *B, dU_part, db_part,
         t, m, o, chunk,
