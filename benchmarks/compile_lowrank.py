@@ -47,14 +47,14 @@ def _jobs(dt: str) -> list[tuple[str, object, dict[str, str], dict[str, object],
                      dict(GELU=gelu, IEEE=ieee, BT=bt, BK=bk, BO=bo, BM=bm), 8))
         for fuse in (True, False):
             jobs.append((f"bwd_dx gelu={int(gelu)} fuse_dx={int(fuse)}", kl._lowrank_bwd_dx_kernel,
-                         dict(dy_ptr=c, z_ptr="*fp32", n_ptr="*fp32", dx_ptr=c, w_ptr=c, dw_ptr="*fp32", dq_ptr="*fp32",
+                         dict(dy_ptr=c, z_ptr="*fp32", n_ptr="*fp32", dx_ptr=c, w_ptr=c, dw_ptr=c, dq_ptr=c,
                               table_ptr="*i32", **WEIGHTS),
                          dict(GELU=gelu, IEEE=ieee, FUSE_DX=fuse, BT=bbt, BO=bbo, BM=bbm, BN=bbn), 8))
         jobs.append((f"bwd_du gelu={int(gelu)}", kl._lowrank_bwd_du_kernel,
                      dict(dy_ptr=c, w_ptr=c, du_ptr="*fp32", db_ptr="*fp32", **WEIGHTS),
                      dict(GELU=gelu, IEEE=ieee, BT=bbt, BO=bbo, BM=bbm), 8))
     jobs.append(("bwd_dxsum P=3", kl._lowrank_bwd_dxsum_kernel,
-                 dict(dq_ptr="*fp32", dx_ptr=c, table_ptr="*i32", **WEIGHTS),
+                 dict(dq_ptr=c, dx_ptr=c, table_ptr="*i32", **WEIGHTS),
                  dict(P=3, IEEE=ieee, BT=bbt, BO=bbo, BN=min(bbn, 32)), 4))
     return jobs
 

@@ -33,7 +33,8 @@ Backward (``backward="triton"``, the default), a mix of two Triton kernels and c
 - ``_lowrank_bwd_du_kernel`` (Triton): ``dU = dpreᵀ w`` and ``db = Σ dpre`` over all tokens (``U``, ``b`` are
   shared by every group, so segments do not matter here), with ``dpre`` recomputed from ``dy`` and ``w`` once
   more so that it is never materialised; two-stage: per token chunk partial sums, then a torch sum.
-- cuBLAS (torch matmuls, fp32): ``dV[p, m] = x_segᵀ dq_seg`` and ``dR[p, m] = dw_segᵀ z_seg`` per segment. These
+- cuBLAS (torch matmuls in the compute dtype, summed in fp32): ``dV[p, m] = x_segᵀ dq_seg`` and
+  ``dR[p, m] = dw_segᵀ z_seg`` per segment. These
   are long-K reductions over tokens into small outputs, which cuBLAS's split-K GEMMs already do well; a Triton
   version would only repeat them. The gradient of ``R_m`` flows on to ``A_m`` through ``torch.matrix_exp``'s own
   autograd, because ``R`` is an input.
@@ -229,7 +230,7 @@ def _lowrank_bwd_dx_kernel(
         else:
             dpre = dyt
         dw += _dot(dpre, tl.trans(ut), IEEE, DT)
-    tl.store(dw_ptr + ro, dw, mask=tile)
+    tl.store(dw_ptr + ro, dw.to(dw_ptr.dtype.element_ty), mask=tile)
 
     # back through the rotation (dz = dw R) and normalize(): q = V^T x, z = q / max(||q||, eps)
     # R reloaded (an L2 hit) instead of keeping the O x O tile live in registers across the M loop
@@ -239,7 +240,7 @@ def _lowrank_bwd_dx_kernel(
     clamped = nrm <= eps
     zdz = tl.sum(z * dz, axis=1)
     dq = tl.where(clamped[:, None], dz / eps, (dz - z * zdz[:, None]) / tl.where(clamped, 1.0, nrm)[:, None])
-    tl.store(dq_ptr + ro, dq, mask=tile)  # for dV = x^T dq (cuBLAS), and for the dx sum over maps
+    tl.store(dq_ptr + ro, dq.to(dq_ptr.dtype.element_ty), mask=tile)  # for dV = x^T dq (cuBLAS), and the dx sum over maps
 
     if FUSE_DX:  # one map: dx = dq V^T from the dq still on chip, slice by slice of N
         v_base = _pick(p, v0, v1, v2) + g * s_vg
@@ -427,17 +428,18 @@ def _lowrank_fused_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The Triton half of the backward. dy [P, T, M] (x's dtype); z [P, T, O], norm [P, T] fp32 (saved by the
     forward); weights as in :func:`_lowrank_fused`; n = N.
-    -> (dx [T, N] dy's dtype (empty [0, N] unless need_dx), w [P, T, O] (dy's dtype, or fp32), dw [P, T, O] fp32,
-    dq [P, T, O] fp32, dU [P, M, O] fp32, db [P, M] fp32)."""
+    -> (dx [T, N] (empty [0, N] unless need_dx), w [P, T, O], dw [P, T, O], dq [P, T, O] all in dy's dtype (the
+    compute dtype), dU [P, M, O] fp32, db [P, M] fp32)."""
     p, t, m = dy.shape
     o = z.shape[-1]
     dev = dy.device
     bt, bo, bm, bn = _bwd_block_sizes(n, m, o, dev)
     ieee = dy.dtype == torch.float32
     dx = torch.empty((t if need_dx else 0, n), device=dev, dtype=dy.dtype)
-    w = torch.empty((p, t, o), device=dev, dtype=dy.dtype)  # dU's dot consumes w in the compute dtype
-    dw = torch.empty((p, t, o), device=dev, dtype=torch.float32)
-    dq = torch.empty((p, t, o), device=dev, dtype=torch.float32)
+    # w, dw, dq in the compute dtype: the dots and GEMMs that consume them (dU, dx, dV, dR) run in it
+    w = torch.empty((p, t, o), device=dev, dtype=dy.dtype)
+    dw = torch.empty((p, t, o), device=dev, dtype=dy.dtype)
+    dq = torch.empty((p, t, o), device=dev, dtype=dy.dtype)
     chunk = _du_chunk(t, m, p, bt, bm, dev)
     chunks = triton.cdiv(t, chunk) if t else 0
     dU_part = torch.empty((chunks, p, m, o), device=dev, dtype=torch.float32)
@@ -531,7 +533,10 @@ def _backward_triton(ctx, dy: Tensor):  # noqa: ANN001, ANN202
     p, (g_count, n, o) = ctx.p, Vs[0].shape
     dV = torch.zeros((p, g_count, n, o), dtype=torch.float32, device=x.device)
     dR = torch.zeros((p, g_count, o, o), dtype=torch.float32, device=x.device)
-    xf = x.float()
+    # the GEMMs run in the compute dtype (x's): fp32 stays fp32; bf16/fp16 use tensor cores with fp32 accumulation
+    # inside cuBLAS, as the reference's own backward does under autocast (an fp32 GEMM there would be the slowest
+    # step of the backward); the per-segment results are summed in fp32
+    zc = z.to(x.dtype)
     start = 0
     for length, g in zip(ctx.seg_lens, ctx.seg_groups):
         sl = slice(start, start + length)
@@ -539,8 +544,8 @@ def _backward_triton(ctx, dy: Tensor):  # noqa: ANN001, ANN202
         if length == 0:
             continue
         # all P maps in one GEMM each: [N, L] @ [L, P*O] and a batched [P, O, L] @ [P, L, O]
-        dV[:, g] += (xf[sl].T @ dq[:, sl].transpose(0, 1).reshape(length, p * o)).view(n, p, o).transpose(0, 1)
-        dR[:, g] += dw[:, sl].transpose(1, 2) @ z[:, sl]
+        dV[:, g] += (x[sl].T @ dq[:, sl].transpose(0, 1).reshape(length, p * o)).view(n, p, o).transpose(0, 1).float()
+        dR[:, g] += (dw[:, sl].transpose(1, 2) @ zc[:, sl]).float()
     return _grads(ctx, dx if need_dx else None, dV.unbind(0), dR.unbind(0), dU.unbind(0), db.unbind(0),
                   x, Vs, Rs, Us, bs)
 
