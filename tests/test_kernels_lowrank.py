@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from avmt import kernels
 from avmt.config import ConfigError, load_config
-from avmt.models import AVBert, LowRankLinear
+from avmt.models import AVBert, LowRankLinear, TransformerLayer
 
 triton_ok = kernels.backend_status("cuda" if torch.cuda.is_available() else "cpu")["triton"][0]
 pytestmark = pytest.mark.skipif(not triton_ok, reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
@@ -48,18 +48,19 @@ def reference(lin: LowRankLinear, x: torch.Tensor, segments: list[tuple[int, int
     return torch.cat(outs).view(*x.shape[:-1], -1)
 
 
-def fused(lin: LowRankLinear, x: torch.Tensor, segments: list[tuple[int, int]], gelu: bool) -> torch.Tensor:
-    return lowrank_linear(x, lin.V, lin.rotations(), lin.U, lin.bias, segments=segments, gelu=gelu, eps=lin.eps)
+def fused(lin: LowRankLinear, x: torch.Tensor, segments: list[tuple[int, int]], gelu: bool, backward: str = "triton") -> torch.Tensor:
+    return lowrank_linear(x, lin.V, lin.rotations(), lin.U, lin.bias, segments=segments, gelu=gelu, eps=lin.eps, backward=backward)
 
 
-def outputs_and_grads(fn, lin: LowRankLinear, x: torch.Tensor, dy_seed: int) -> list[torch.Tensor]:
+def outputs_and_grads(fn, lin: LowRankLinear, x: torch.Tensor, dy_seed: int, x_grad: bool = True) -> list[torch.Tensor]:
+    """[y, dx, dU, db, dV, dA] of ``fn(lin, x)`` under a fixed random upstream gradient (dx omitted if not x_grad)."""
     lin.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
+    x = x.detach().clone().requires_grad_(x_grad)
     y = fn(lin, x)
     gen = torch.Generator(device="cpu").manual_seed(dy_seed)
     dy = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
     y.backward(dy)
-    return [y.detach(), x.grad, *(getattr(lin, p).grad for p in PARAMS)]
+    return [y.detach(), *([x.grad] if x_grad else []), *(getattr(lin, p).grad for p in PARAMS)]
 
 
 def assert_within_2x(got: list[torch.Tensor], ref: list[torch.Tensor], truth: list[torch.Tensor], names, floor: float = 1e-6):
@@ -71,18 +72,23 @@ def assert_within_2x(got: list[torch.Tensor], ref: list[torch.Tensor], truth: li
         assert err_fused <= 2 * err_ref + floor * (1 + scale), f"{name}: fused error {err_fused:.3g} > 2 x reference {err_ref:.3g}"
 
 
-def check_against_reference(n, m, o, g, shape, segments, gelu, seed, zero_rows=0):
+def check_against_reference(n, m, o, g, shape, segments, gelu, seed, zero_rows=0, x_grad=True):
+    """Forward and every gradient of the fused map, with the Triton backward and with the torch-matmul backward,
+    each within 2x of the plain LowRankLinear's fp32 error against float64."""
     lin = make_map(n, m, o, g, seed)
     torch.manual_seed(seed + 1)
     x = torch.randn(*shape, n, device=DEV)
     if zero_rows:  # rows whose V^T x norm is below eps: the clamped branch of normalize
         x.view(-1, n)[:zero_rows] = 0
+        x.view(-1, n)[zero_rows] *= 1e-9  # and one row just above zero, still clamped (norm < eps), not all-zero
     lin64 = copy.deepcopy(lin).double()
-    truth = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), lin64, x.double(), seed)
-    ref = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), lin, x, seed)
-    got = outputs_and_grads(lambda mod, xx: fused(mod, xx, segments, gelu), lin, x, seed)
-    assert got[0].shape == (*shape, m) and got[0].dtype == x.dtype
-    assert_within_2x(got, ref, truth, ("y", "dx", "dU", "db", "dV", "dA"))
+    truth = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), lin64, x.double(), seed, x_grad)
+    ref = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), lin, x, seed, x_grad)
+    names = ["y", *(["dx"] if x_grad else []), "dU", "db", "dV", "dA"]
+    for backward in ("triton", "torch"):
+        got = outputs_and_grads(lambda mod, xx: fused(mod, xx, segments, gelu, backward), lin, x, seed, x_grad)
+        assert got[0].shape == (*shape, m) and got[0].dtype == x.dtype
+        assert_within_2x(got, ref, truth, [f"{nm} ({backward} backward)" for nm in names])
 
 
 @pytest.mark.parametrize(
@@ -92,17 +98,64 @@ def check_against_reference(n, m, o, g, shape, segments, gelu, seed, zero_rows=0
         (45, 70, 16, 2, (7,), [(7, 1)], True),  # 7 tokens, group 1, GELU
         (33, 65, 20, 3, (3, 43), [(50, 2), (0, 0), (79, 1)], False),  # 129 tokens, O=20 padded to 32, empty segment
         (70, 37, 16, 3, (129,), [(1, 0), (64, 1), (64, 2)], True),  # three groups in one launch, GELU
+        (19, 83, 24, 2, (2, 20), [(0, 1), (33, 1), (7, 0)], True),  # leading empty segment, O=24, M over 64 (two M slices)
     ],
 )
 def test_forward_and_gradients_match_reference(n, m, o, g, shape, segments, gelu):
     check_against_reference(n, m, o, g, shape, segments, gelu, seed=n + m)
 
 
-def test_clamped_norm_rows():
-    check_against_reference(29, 31, 16, 2, (9,), [(4, 0), (5, 1)], False, seed=3, zero_rows=3)
+@pytest.mark.parametrize("gelu", [False, True])
+def test_clamped_norm_rows(gelu):
+    check_against_reference(29, 31, 16, 2, (9,), [(4, 0), (5, 1)], gelu, seed=3, zero_rows=3)
 
 
-def test_fused_qkv_matches_three_maps():
+def test_weight_gradients_without_input_gradient():
+    # x without requires_grad: the Triton backward skips dx (NEED_DX=False) but must still give every weight gradient
+    check_against_reference(27, 41, 16, 2, (11,), [(6, 1), (5, 0)], True, seed=5, x_grad=False)
+
+
+def test_triton_backward_is_what_runs(monkeypatch):
+    """backward="triton" goes through the Triton backward op (once per map call); backward="torch" never does."""
+    import avmt.kernels.lowrank_linear as kl
+
+    calls = []
+    real = kl._lowrank_fused_bwd
+    monkeypatch.setattr(kl, "_lowrank_fused_bwd", lambda *a: calls.append(a[0].shape) or real(*a))
+    lin = make_map(24, 40, 16, 2, 7)
+    x = torch.randn(13, 24, device=DEV, requires_grad=True)
+    fused(lin, x, [(13, 1)], True, "torch").sum().backward()
+    assert calls == []
+    fused(lin, x, [(13, 1)], True, "triton").sum().backward()
+    assert calls == [torch.Size([1, 13, 40])]  # dy as [P, T, M]
+
+
+def test_fp32_weights_are_cast_on_load():
+    """fp16 x with fp32 weights (fp32 parameters under autocast) gives exactly what fp16 copies of the weights give:
+    the kernels cast on load instead of the caller copying. Gradients come back in each weight's own dtype."""
+    lin = make_map(40, 24, 16, 2, 9)
+    with torch.no_grad():  # weights that fp16 represents exactly, so the two calls see the same numbers
+        lin.V.copy_(lin.V.half().float())
+        lin.U.copy_(lin.U.half().float())
+    torch.manual_seed(0)
+    x = torch.randn(9, 40, device=DEV).half()
+    r = lin.rotations().detach()
+    dy = torch.randn(9, 24, device=DEV).half()
+    for backward in ("triton", "torch"):
+        res = []
+        for wdt in (torch.float32, torch.float16):
+            v, u = (t.detach().to(wdt).requires_grad_() for t in (lin.V, lin.U))
+            xx = x.clone().requires_grad_()
+            y = lowrank_linear(xx, v, r, u, lin.bias.detach(), group=1, gelu=True, backward=backward)
+            y.backward(dy)
+            assert v.grad.dtype == u.grad.dtype == wdt and y.dtype == xx.grad.dtype == torch.float16
+            res.append((y, xx.grad, v.grad.half(), u.grad.half()))
+        for name, a, b in zip(("y", "dx", "dV", "dU"), *res):
+            assert torch.equal(a, b), f"{name} ({backward} backward): fp32 weights differ from their fp16 copies"
+
+
+@pytest.mark.parametrize("backward", ["triton", "torch"])
+def test_fused_qkv_matches_three_maps(backward):
     n, o, g, heads, b, s = 48, 16, 3, 4, 2, 5
     maps = [make_map(n, n, o, g, seed) for seed in (10, 11, 12)]
     maps64 = [copy.deepcopy(mp).double() for mp in maps]
@@ -116,7 +169,7 @@ def test_fused_qkv_matches_three_maps():
         xx = xx.detach().clone().requires_grad_(True)
         if use_fused:
             outs = lowrank_qkv(xx, [mp.V for mp in mods], [mp.rotations() for mp in mods], [mp.U for mp in mods],
-                               [mp.bias for mp in mods], heads, group=2, eps=mods[0].eps)
+                               [mp.bias for mp in mods], heads, group=2, eps=mods[0].eps, backward=backward)
         else:
             outs = [mp(xx, 2).view(b, s, heads, n // heads).transpose(1, 2) for mp in mods]
         sum((o_ * d.to(o_.dtype)).sum() for o_, d in zip(outs, dys)).backward()
@@ -142,6 +195,37 @@ def test_multi_map_segments_in_one_launch():
             torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
+def test_layer_hands_parameters_to_the_kernels_uncast_and_unstacked(monkeypatch):
+    """Under bf16 autocast with fp32 parameters, the fused Q/K/V launch and the single-map launches get each map's
+    own parameter tensors (no per-call stack or cast copy); only the activations are cast."""
+    import avmt.kernels.lowrank_linear as kl
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def spy(x, Vs, Rs, Us, bs, **kw):  # records the call and stops before the (bf16, interpreter) kernel runs
+        seen.append((x.dtype, list(Vs), list(Us), list(bs)))
+        raise Stop
+
+    monkeypatch.setattr(kl, "lowrank_linear_multi", spy)
+    torch.manual_seed(0)
+    layer = TransformerLayer(32, 4, 48, dropout=0.0, attention_dropout=0.0, ln_eps=1e-12, init_std=0.02, lowrank=True,
+                             rank=16, groups=2, kernel="triton").to(DEV)
+    x = torch.randn(2, 3, 32, device=DEV)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        with pytest.raises(Stop):
+            layer(x, 1)
+        with pytest.raises(Stop):
+            layer.ffn_in(x, 1, gelu=True)
+    (xd, vs, us, bs), (xd1, v1, u1, b1) = seen
+    maps = (layer.query, layer.key, layer.value)
+    assert xd == xd1 == torch.bfloat16
+    assert all(a is mp.V and b is mp.U and c is mp.bias for a, b, c, mp in zip(vs, us, bs, maps))
+    assert len(v1) == 1 and v1[0] is layer.ffn_in.V and u1[0] is layer.ffn_in.U and b1[0] is layer.ffn_in.bias
+
+
 def test_bad_inputs_raise():
     lin = make_map(16, 24, 16, 2, 0)
     x = torch.randn(5, 16, device=DEV)
@@ -150,8 +234,12 @@ def test_bad_inputs_raise():
         lowrank_linear(torch.randn(5, 17, device=DEV), lin.V, r, lin.U, lin.bias)
     with pytest.raises(ValueError, match="R must be"):
         lowrank_linear(x, lin.V, r[:1], lin.U, lin.bias)
-    with pytest.raises(TypeError, match="must have x's dtype"):
-        lowrank_linear(x.double().float().half(), lin.V, r, lin.U, lin.bias)
+    with pytest.raises(TypeError, match="must have x's dtype"):  # fp16 weights with fp32 x (fp32 weights are cast on load)
+        lowrank_linear(x, lin.V.half(), r, lin.U, lin.bias)
+    with pytest.raises(ValueError, match="backward='cuda' is invalid"):
+        lowrank_linear(x, lin.V, r, lin.U, lin.bias, backward="cuda")
+    with pytest.raises(ValueError, match="1 to 3 maps"):
+        lowrank_linear_multi(x, [lin.V] * 4, [r] * 4, [lin.U] * 4, [lin.bias] * 4)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         lowrank_linear(x.long(), lin.V, r, lin.U, lin.bias)
     with pytest.raises(ValueError, match="sum to the 5 tokens"):
@@ -215,11 +303,13 @@ def test_model_triton_matches_reference_tiny(monkeypatch):
 # ---- GPU: bf16/fp16, paper shapes, torch.compile --------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n, m, gelu", [(768, 768, False), (768, 3072, True), (3072, 768, False)])
-def test_gpu_paper_shapes(dtype, n, m, gelu):
+@pytest.mark.parametrize("n, m, gelu", [(768, 768, False), (768, 3072, True), (3072, 768, False), (3072, 3072, True)])
+def test_gpu_paper_shapes(dtype, n, m, gelu, backward):
     """bf16/fp16 as the model runs them: fp32 parameters under autocast (the reference's matmuls and the fused
-    kernels both compute in the autocast dtype), fp32 without autocast."""
+    kernels both compute in the autocast dtype; the kernels cast the fp32 parameters on load), fp32 without
+    autocast; forward and every gradient, with the Triton backward and with the torch-matmul backward."""
     import contextlib
 
     lin = make_map(n, m, 128, 3, 0)
@@ -234,8 +324,8 @@ def test_gpu_paper_shapes(dtype, n, m, gelu):
 
     def fused_amp(mod, xx):
         dt = dtype if dtype != torch.float32 else xx.dtype  # what LowRankLinear's triton path does under autocast
-        return lowrank_linear(xx.to(dt), mod.V.to(dt), mod.rotations(), mod.U.to(dt), mod.bias, segments=segments,
-                              gelu=gelu, eps=mod.eps)
+        return lowrank_linear(xx.to(dt), mod.V, mod.rotations(), mod.U, mod.bias, segments=segments,
+                              gelu=gelu, eps=mod.eps, backward=backward)
 
     with amp():
         ref = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), lin, x, 0)
@@ -253,10 +343,14 @@ def test_gpu_torch_compile():
         return lowrank_linear(xx, lin.V, lin.rotations(), lin.U, lin.bias, group=1, gelu=True, eps=lin.eps)
 
     eager = f(x)
-    compiled = torch.compile(f, fullgraph=True)(x)
+    eager.sum().backward()
+    want = [getattr(lin, p).grad.clone() for p in PARAMS]
+    lin.zero_grad(set_to_none=True)
+    compiled = torch.compile(f, fullgraph=True)(x)  # the forward and the Triton backward ops, traced
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     compiled.sum().backward()
-    assert lin.A.grad is not None and torch.isfinite(lin.A.grad).all()
+    for p, w in zip(PARAMS, want):
+        torch.testing.assert_close(getattr(lin, p).grad, w, rtol=1e-4, atol=1e-5, msg=lambda m, p=p: f"d{p}: {m}")
 
 
 @pytest.mark.gpu

@@ -60,6 +60,9 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"kernel={kernel!r} is invalid: expected one of {', '.join(kernels.KERNELS)}")
         self.in_features, self.out_features, self.rank, self.groups, self.eps = in_features, out_features, rank, groups, eps
         self.kernel = kernel  # "auto" | "triton" | "reference"; resolved per call from the input's device
+        # backward of the Triton path: "triton" (fused kernels + cuBLAS weight reductions) or "torch" (fp32 torch
+        # matmuls, the reference backward); an attribute for benchmarks and debugging, not a config key
+        self.kernel_backward = "triton"
         self.U = nn.Parameter(torch.empty(out_features, rank))
         self.bias = nn.Parameter(torch.empty(out_features))
         self.V = nn.Parameter(torch.empty(groups, in_features, rank))
@@ -87,8 +90,10 @@ class LowRankLinear(nn.Module):
         if self.backend(x) == "triton":
             from avmt.kernels.lowrank_linear import lowrank_linear
 
-            dt = _kernel_dtype(x)
-            return lowrank_linear(x.to(dt), self.V.to(dt), rs, self.U.to(dt), self.bias, group=group, gelu=gelu, eps=self.eps)
+            # the parameters go in as they are (fp32 under autocast): the kernels cast them on load, so no
+            # per-call cast copies; only the activations are cast, as autocast's matmuls would cast them
+            return lowrank_linear(x.to(_kernel_dtype(x)), self.V, rs, self.U, self.bias, group=group, gelu=gelu, eps=self.eps,
+                                  backward=self.kernel_backward)
         r = rs[group]
         z = F.normalize(x @ self.V[group], dim=-1, eps=self.eps)
         y = F.linear(z @ r.transpose(0, 1), self.U, self.bias)
@@ -162,9 +167,10 @@ class TransformerLayer(nn.Module):
 
             maps = (self.query, self.key, self.value)
             rots = [cache.rotations(m) if cache is not None else m.rotations() for m in maps]
-            dt = _kernel_dtype(x)
-            q, k, v = lowrank_qkv(x.to(dt), [m.V.to(dt) for m in maps], rots, [m.U.to(dt) for m in maps], [m.bias for m in maps],
-                                  self.heads, group=group, eps=self.query.eps)
+            # each map's own parameters, neither stacked nor cast: the kernel reads the three maps through
+            # separate pointers and casts on load, and the gradients land on each map's U, bias, V and A
+            q, k, v = lowrank_qkv(x.to(_kernel_dtype(x)), [m.V for m in maps], rots, [m.U for m in maps], [m.bias for m in maps],
+                                  self.heads, group=group, eps=self.query.eps, backward=self.query.kernel_backward)
         else:
             q, k, v = (m(x, group, cache).view(b, s, self.heads, d // self.heads).transpose(1, 2) for m in (self.query, self.key, self.value))
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
