@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifest is not None and not args.manifest.exists():
         parser.error(f"--manifest {args.manifest} does not exist")
 
-    from avmt.data.loader import LoaderError, select_loader
+    from avmt.data.loader import LoaderError, check_dali_cpu_codecs, select_loader
     from avmt.data.prepare import load_manifest
     from avmt.train import synthetic_manifest
 
@@ -354,9 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_dict(state["config"])
         if args.loader is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=args.loader))
-        select_loader(cfg.data.loader, device)
+        loader = select_loader(cfg.data.loader, device)
         manifest = args.manifest or (Path(cfg.data.manifest) if cfg.data.manifest else synthetic_manifest(cfg.data, progress=False))
         records = load_manifest(manifest)
+        if loader == "dali" and device.type != "cuda":
+            check_dali_cpu_codecs(records)
         labelled_split(records, args.test_fraction)  # labels and splits, before any model work
         results: dict[str, Any] = {"checkpoint": str(ckpt), "manifest": str(manifest), "protocol": args.protocol, "views": args.views,
                                    "heads": list(heads), "test_videos": sum(split_of(r["path"], args.test_fraction) == "test" for r in records),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from avmt.config import load_config
+from avmt.data.loader import loader_status
 from avmt.data.prepare import load_manifest
 from avmt.evaluate import EvaluationError, FinetuneSettings, finetune, labelled_split, main, score_classifiers
 from avmt.models import AVBert
@@ -104,6 +105,8 @@ def test_bad_input_fails_clearly_before_any_work(run_dir, manifest, tmp_path, ca
     unlabelled = tmp_path / "unlabelled.jsonl"
     unlabelled.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "label_index"}) + "\n" for r in rows))
     fails(["--manifest", str(unlabelled)], 1, "have no integer label_index")
+    dali_ok, why = loader_status("cpu")["dali"]  # DALI's CPU pipeline cannot read the synthetic H.264 videos
+    fails(["--loader", "dali", "--device", "cpu"], 1, "reads only vp9, mjpeg: 12 of 12 videos are h264" if dali_ok else why)
     with pytest.raises(EvaluationError, match="fewer than one batch of 8"):
         cfg = load_config("tiny", overrides=[f"data.manifest={manifest}", "data.num_workers=0"])
         finetune(AVBert(cfg.model), cfg, rows[:3], 6, ["audio"], FinetuneSettings(), torch.device("cpu"), progress=False)
