@@ -100,6 +100,7 @@ def over_views(fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], cfg: Config
             for k, v in fn(batch).items():
                 outs.setdefault(k, []).append(v.float().cpu())
             rows.append(batch["index"].cpu())  # the manifest row loaded; train mode shuffles, so restore the order below
+        loader.close()  # DALI: stop its prefetching threads before the next view's loader starts
         if loader.failures:
             raise RuntimeError(f"{loader.failures} video(s) failed to load ({desc}, view {view + 1}); see the log")
         index = torch.cat(rows)
@@ -267,6 +268,7 @@ def finetune(model: AVBert, cfg: Config, records: Sequence[dict], classes: int, 
         for h in heads:
             history[h].append(sums[h] / steps_per_epoch)
     bar.close()
+    loader.close()
     return clfs, history
 
 

@@ -240,6 +240,7 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
         if epoch_done:
             epoch, batch_in_epoch = epoch + 1, 0
     path = save()
+    loader.close()  # DALI: free its prefetching threads now, not at garbage collection (DALILoader.close)
 
     summary: dict[str, Any] = {"steps": step, "checkpoint": str(path), "nonfinite_skipped": nonfinite_total}
     if is_main:

@@ -1,6 +1,7 @@
 """The CPU (PyAV) and DALI loaders: batch contract, windowed decoding, equivalence, failures, memory."""
 
 import dataclasses
+import gc
 import logging
 
 import numpy as np
@@ -14,6 +15,14 @@ from avmt.data.prepare import load_manifest, prepare, scan_root
 from avmt.data.clips import sample_rng
 
 B = 2
+
+
+@pytest.fixture(autouse=True)
+def free_dali_pipelines():
+    """Collect each test's DALI loaders (reference cycles) so that their prefetching threads are gone before a
+    later test forks worker processes (a fork while such a thread holds a lock can deadlock the child)."""
+    yield
+    gc.collect()
 
 
 def prepared(tmp_path_factory, fmt: str):

@@ -1,5 +1,6 @@
 """data.loader = auto | cpu | dali: the choice, its errors, and the training loop on the DALI loader."""
 
+import gc
 import json
 
 import pytest
@@ -13,6 +14,14 @@ from avmt.data.loader import LoaderError, build_loader, loader_status, select_lo
 from avmt.data.loader_cpu import CPULoader
 from avmt.data.prepare import load_manifest, prepare, scan_root
 from avmt.train import TrainingError, train
+
+
+@pytest.fixture(autouse=True)
+def free_dali_pipelines():
+    """Collect each test's DALI loaders (reference cycles) so that their prefetching threads are gone before a
+    later test forks worker processes (a fork while such a thread holds a lock can deadlock the child)."""
+    yield
+    gc.collect()
 
 
 def dali_installed() -> bool:

@@ -189,6 +189,16 @@ class DALILoader:
         self._pipe = pipe
         self.fbank = self.fbank.to(self.device)
 
+    def close(self) -> None:
+        """Free the pipeline and its threads now (the next iteration rebuilds it). DALI keeps prefetching the
+        following batches in its own threads, which read files with PyAV: a process that forks while one of
+        them holds a lock (a ``fork``-started worker pool, ``DataLoader`` workers) can deadlock in the child,
+        so close a loader you are done with instead of waiting for the garbage collector."""
+        self._pipe, self._source = None, None
+        import gc
+
+        gc.collect()  # the pipeline's callback refers back to this loader: a reference cycle
+
     def _to_torch(self, out: Any) -> torch.Tensor:
         t = out.as_tensor()
         if self.device_id is None:
