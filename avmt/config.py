@@ -26,6 +26,7 @@ _SECTIONS = ("model", "data", "objective", "train")
 Sharing = Literal["none", "layers", "all", "lowrank"]
 Kernel = Literal["auto", "triton", "reference"]  # backend of the lowrank maps (avmt.kernels.select_backend)
 Fusion = Literal["early", "mid", "late"]
+FeatureNorm = Literal["none", "batchnorm"]  # on the pooled CNN features, before the input projection
 
 SHARING_SCHEMES: tuple[str, ...] = get_args(Sharing)
 FUSION_MODES: tuple[str, ...] = get_args(Fusion)
@@ -143,7 +144,14 @@ class ModelConfig(_Section):
     audio_depths: tuple[int, ...] = _field((3, 4, 6, 3), ALL_POSITIVE)
     audio_separable_stages: int = _field(2, NON_NEGATIVE)  # first stages whose 3x3 is split into 3x1 + 1x3
     bn_eps: float = _field(1e-5, POSITIVE)
-    zero_init_residual: bool = True  # zero the last BN of every bottleneck (the released code's choice)
+    # Zero the last BN of every bottleneck (the released code's choice). Then a fresh ResNet is its chain of strided 1x1
+    # projection shortcuts, which sample one pixel in 2x2 per stage: on the small presets' 32-64 px crops the pooled
+    # feature starts out seeing one position of the stem's map, and self-supervision never finds the target's colour.
+    zero_init_residual: bool = True
+    # Before the input projection: "batchnorm" standardises every pooled CNN feature over the batch's clips (no affine
+    # parameters). Pooled features share a large common part, so without it LayerNorm(Linear(f)) starts almost the same
+    # for every clip and the small presets' audio tokens collapse under MEP; "none" is the paper's Linear + LayerNorm.
+    feature_norm: FeatureNorm = "none"
 
     def _check(self) -> None:
         self._require(self.dim % self.heads == 0, "heads", f"a divisor of model.dim={self.dim}")
@@ -304,7 +312,8 @@ PRESETS: dict[str, Config] = {
         preset="small",
         model=ModelConfig(
             dim=256, layers=4, heads=4, ffn_dim=1024, rank=64, max_clips=32,
-            visual_width=16, visual_depths=(1, 2, 2, 1), audio_width=16, audio_depths=(1, 2, 2, 1),
+            visual_width=16, visual_depths=(1, 2, 2, 1), audio_width=16, audio_depths=(1, 2, 2, 1), feature_norm="batchnorm",
+            zero_init_residual=False,
         ),
         data=DataConfig(
             num_clips=8, window_seconds=16.0, frames=16, fps=8.0, crop_size=64, scale_range=(72, 88),
@@ -317,7 +326,8 @@ PRESETS: dict[str, Config] = {
         preset="tiny",
         model=ModelConfig(
             dim=64, layers=2, heads=2, ffn_dim=128, rank=16, max_clips=16,
-            visual_width=8, visual_depths=(1, 1, 1, 1), audio_width=8, audio_depths=(1, 1, 1, 1),
+            visual_width=8, visual_depths=(1, 1, 1, 1), audio_width=8, audio_depths=(1, 1, 1, 1), feature_norm="batchnorm",
+            zero_init_residual=False,
         ),
         data=DataConfig(
             num_clips=4, window_seconds=8.0, frames=4, fps=4.0, crop_size=32, scale_range=(36, 44),

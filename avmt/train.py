@@ -18,14 +18,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from avmt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from avmt.config import Config, ConfigError, DataConfig, add_config_arguments, config_from_args, load_config
+from avmt.config import Config, ConfigError, DataConfig, TrainConfig, add_config_arguments, config_from_args, load_config
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
 
@@ -38,15 +38,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AVMT_CACHE", Path.home() / ".cache" / "avmt"))
 
 
-def synthetic_manifest(data: DataConfig, count: int = 120, progress: bool = True) -> Path:
+def synthetic_manifest(data: DataConfig, count: int = 120, classes: int = 6, progress: bool = True) -> Path:
     """Generate (once) and prepare the synthetic dataset that fits ``data``; returns its manifest path."""
     from avmt.data.prepare import prepare, scan_csv
-    from avmt.data.synth import SynthSpec, generate
+    from avmt.data.synth import SYNTH_VERSION, SynthSpec, generate
 
     size = max(64, data.scale_range[1] + data.scale_range[1] % 2)  # no upscaling for the largest train scale
     spec = SynthSpec(seconds=data.window_seconds + 4, size=size, fps=max(8, int(math.ceil(data.fps))),
-                     sample_rate=data.sample_rate, num_classes=6)
-    root = cache_dir() / f"synth-{spec.seconds:g}s-{spec.size}px-{spec.fps}fps-{spec.sample_rate}hz-{count}"
+                     sample_rate=data.sample_rate, num_classes=classes)
+    root = cache_dir() / f"synth{SYNTH_VERSION}-{spec.seconds:g}s-{spec.size}px-{spec.fps}fps-{spec.sample_rate}hz-{count}x{classes}"
     manifest = root / "prepared" / "manifest.jsonl"
     if not manifest.exists():
         generate(root / "videos", count, spec, workers=os.cpu_count() or 1, progress=progress)
@@ -61,6 +61,11 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
+    """The paper's optimizer (SPEC §6): AdamW, with AMSGrad when ``train.amsgrad`` (then 3 state buffers per parameter)."""
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
@@ -117,7 +122,7 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
     model.checkpoint_layers = tc.activation_checkpointing
     pre = Pretraining(model, cfg.objective).to(device)
     net = DistributedDataParallel(pre, find_unused_parameters=True) if world > 1 else pre
-    opt = torch.optim.AdamW(pre.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
+    opt = build_optimizer(pre.parameters(), tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)  # masks, swaps, negative-sampling seeds
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
@@ -240,6 +245,8 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
         if epoch_done:
             epoch, batch_in_epoch = epoch + 1, 0
     path = save()
+    if dist.is_initialized():  # the others wait for rank 0's last save before anyone tears the process group down
+        dist.barrier()
     loader.close()  # DALI: free its prefetching threads now, not at garbage collection (DALILoader.close)
 
     summary: dict[str, Any] = {"steps": step, "checkpoint": str(path), "nonfinite_skipped": nonfinite_total}

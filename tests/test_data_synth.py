@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from avmt.data.synth import SynthSpec, class_sound, render
+from avmt.data.synth import SynthSpec, class_color, class_sound, render
 
 
 def test_render_is_seeded_and_events_are_audio_visual():
@@ -32,6 +32,19 @@ def test_render_is_seeded_and_events_are_audio_visual():
         peak = np.fft.rfftfreq(len(seg), 1 / sr)[np.argmax(spectrum)]
         on_pitch.append(min(abs(peak - h * pitch) for h in range(1, 5)) < 25)
     assert on_pitch and np.mean(on_pitch) >= 0.75  # a distractor beep may overlap an event now and then
+
+
+def test_only_the_target_carries_the_class_colour():
+    colours = np.stack([class_color(c, 12) for c in range(12)])
+    gaps = np.linalg.norm(colours[:, None] - colours[None], axis=-1) + np.eye(12) * 1e9
+    assert gaps.min() > 40  # distinct hues, whatever the class count
+    spec = SynthSpec(seconds=2.0, size=48, fps=10, sample_rate=8000, num_classes=6, format="mp4", seed=0)
+    for label in range(6):
+        frames, _, _ = render(label, label, spec)
+        f = frames.astype(np.float32)
+        saturated = f.max(-1) - f.min(-1) > 60  # the grey distractor and the flickering background never are
+        assert saturated.any()
+        assert np.abs(f[saturated] - class_color(label, 6)).max() < 1.0
 
 
 def test_cli_writes_containers_and_a_labelled_manifest(tmp_path):

@@ -164,3 +164,22 @@ def test_layer_is_post_ln_bert():
     hid = layer.attn_norm(x + layer.attn_out(att.transpose(1, 2).reshape(3, s, d)))
     ffn = layer.ffn_out(0.5 * layer.ffn_in(hid) * (1 + torch.erf(layer.ffn_in(hid) / 2**0.5)))
     torch.testing.assert_close(layer(x), layer.ffn_norm(hid + ffn))
+
+
+def test_feature_batchnorm_spreads_the_clip_tokens():
+    # Pooled CNN features share a large common part: without the feature BatchNorm, LayerNorm(Linear(f)) is nearly the
+    # same token for every clip at init (the audio-token collapse seen in the small presets' pretraining).
+    torch.manual_seed(0)
+    video = torch.randn(4, 3, 3, 4, 32, 32)
+    audio = torch.randn(1, 1, 1, 32, 32) + 0.1 * torch.randn(4, 3, 1, 32, 32)  # log-mels: mostly a shared floor
+    spread = {}
+    for norm in ("none", "batchnorm"):
+        model = AVBert(load_config("tiny", overrides=[f"model.feature_norm={norm}"]).model)
+        _, tokens = model.embed_audio(audio)
+        spread[norm] = tokens.flatten(0, 1).std(0).mean().item()  # std across clips, mean over channels
+    assert spread["batchnorm"] > 0.9 and spread["batchnorm"] > 2 * spread["none"], spread
+    # one clip in training mode has no batch statistics: the running ones are used instead of failing
+    model = AVBert(load_config("tiny").model).train()
+    assert torch.isfinite(model(video[:1, :1], audio[:1, :1]).multimodal).all()
+    with pytest.raises(Exception, match="feature_norm"):
+        load_config("tiny", overrides=["model.feature_norm=layernorm"])

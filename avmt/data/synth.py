@@ -4,11 +4,12 @@
 --sample-rate 44100 --format mp4|webm --seed 0 --workers 2]``
 
 Each video shows a *target* shape that moves and bounces off the frame borders; at every bounce it
-flashes and a sound event plays. The class fixes the target's shape (disk, square, diamond, ring),
-the pitch of the event and its timbre (harmonic weights), so a model must look *and* listen to tell
-some classes apart (classes sharing a shape differ in sound only; classes sharing a pitch differ in
-shape). Distractors: a second, silent shape moving independently, random flicker of the background,
-background noise and random "off-screen" beeps at times unrelated to any bounce.
+flashes white and a sound event plays. The class fixes the target's colour (a saturated hue per class)
+and shape (disk, square, diamond, ring), and the pitch and timbre (harmonic weights) of the event; some
+classes share a shape or a pitch. Distractors: a second, smaller, silent grey shape moving independently
+(its grey level changes every frame), a background whose tint flickers every frame, background noise and
+random "off-screen" beeps at times unrelated to any bounce. Nothing but the target and the distractor's
+shape and path is constant over a video, so what its clips have in common is the class-linked content.
 
 Files are written with PyAV: H.264 + AAC in ``.mp4`` (default) or VP9 + Opus in ``.webm``. Layout:
 ``DIR/<class_name>/<class_name>_<i>.<ext>`` plus ``DIR/labels.csv`` (path,label) -- readable by
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+# Bumped whenever render() changes what it draws, so caches of older datasets are not reused.
+SYNTH_VERSION = 2
 SHAPES = ("disk", "square", "diamond", "ring")
 BASE_PITCHES = (220.0, 330.0, 494.0, 659.0, 880.0)
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
@@ -63,6 +66,13 @@ def class_sound(label: int) -> tuple[float, np.ndarray]:
     pitch = BASE_PITCHES[(label // 2 + label) % len(BASE_PITCHES)]
     timbres = np.array([[1.0, 0.0, 0.0, 0.0], [0.6, 0.4, 0.3, 0.0], [0.5, 0.0, 0.35, 0.25], [0.4, 0.5, 0.0, 0.4]])
     return pitch, timbres[(label * 3 + 1) % len(timbres)]
+
+
+def class_color(label: int, num_classes: int) -> np.ndarray:
+    """RGB float32 ``[3]`` of a class's target: saturated, the hues evenly spaced around the colour wheel."""
+    hue = (label % num_classes) / num_classes
+    k = (np.array([5.0, 3.0, 1.0]) + hue * 6) % 6  # HSV -> RGB with saturation 0.8, value 230
+    return (230 * (1 - 0.8 * np.clip(np.minimum(k, 4 - k), 0, 1))).astype(np.float32)
 
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
@@ -104,14 +114,15 @@ def render(index: int, label: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndar
     n = int(round(spec.seconds * spec.fps))
     s = spec.size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-    r = s * rng.uniform(0.08, 0.12)
+    r = s * rng.uniform(0.16, 0.2)
     target, bounces = _trajectory(rng, n, spec.fps, s, r)
     distractor_kind = SHAPES[rng.integers(len(SHAPES))]
-    distractor, _ = _trajectory(rng, n, spec.fps, s, r * rng.uniform(0.7, 1.1))
-    color = np.array([60 + 40 * (label % 3), 200 - 30 * (label % 4), 120 + 25 * (label % 5)], np.float32)
-    d_color = rng.uniform(60, 200, 3).astype(np.float32)
-    bg = rng.uniform(20, 60, 3).astype(np.float32)
-    grad = (yy / s)[..., None] * rng.uniform(-20, 20, 3).astype(np.float32)
+    d_r = r * rng.uniform(0.5, 0.7)
+    distractor, _ = _trajectory(rng, n, spec.fps, s, d_r)
+    color = class_color(label, spec.num_classes)
+    # Nothing but the target and the distractor's shape and path stays the same across a video's frames: a constant
+    # per-video background or distractor colour would let a model tell videos apart without looking at the target.
+    d_levels = rng.uniform(70, 150, n).astype(np.float32)  # grey, a new level every frame
     frames = np.empty((n, s, s, 3), np.uint8)
     flash_len = max(1, int(round(0.15 * spec.fps)))
     flashing = np.zeros(n, bool)
@@ -119,9 +130,9 @@ def render(index: int, label: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndar
         flashing[b : b + flash_len] = True
     kind = SHAPES[label % len(SHAPES)]
     for i in range(n):
-        img = bg + grad + rng.normal(0, 4, 3).astype(np.float32)  # background flicker (distractor)
+        img = 40.0 + rng.normal(0, 8, 3).astype(np.float32)  # background: a random tint every frame (flicker)
         img = np.broadcast_to(img, (s, s, 3)).copy()
-        img[_shape_mask(distractor_kind, yy, xx, *distractor[i], r)] = d_color
+        img[_shape_mask(distractor_kind, yy, xx, *distractor[i], d_r)] = d_levels[i]
         img[_shape_mask(kind, yy, xx, *target[i], r)] = 255.0 if flashing[i] else color
         frames[i] = np.clip(img, 0, 255).astype(np.uint8)
 

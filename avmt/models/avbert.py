@@ -75,13 +75,34 @@ class AVBertOutput(EncoderOutput):
     clip_mask: Tensor | None = None
 
 
-class InputProjection(nn.Sequential):
-    """Linear + LayerNorm from a CNN feature ``[..., C]`` to a clip token ``[..., D]``."""
+class FeatureBatchNorm(nn.BatchNorm1d):
+    """Standardise pooled CNN features ``[N, C]`` per channel over the N clips (no affine parameters).
 
-    def __init__(self, cin: int, dim: int, ln_eps: float, init_std: float) -> None:
-        super().__init__(nn.Linear(cin, dim), nn.LayerNorm(dim, eps=ln_eps))
-        nn.init.normal_(self[0].weight, std=init_std)
-        nn.init.zeros_(self[0].bias)
+    A single clip in training mode (nothing to take statistics over) is normalised with the running statistics.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+        return super().forward(x)
+
+
+class InputProjection(nn.Module):
+    """(optional feature BatchNorm) + Linear + LayerNorm from a CNN feature ``[N, C]`` to a clip token ``[N, D]``."""
+
+    def __init__(self, cin: int, dim: int, ln_eps: float, init_std: float, feature_norm: str = "none") -> None:
+        super().__init__()
+        self.norm = FeatureBatchNorm(cin) if feature_norm == "batchnorm" else nn.Identity()
+        self.linear = nn.Linear(cin, dim)
+        self.ln = nn.LayerNorm(dim, eps=ln_eps)
+        nn.init.normal_(self.linear.weight, std=init_std)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ln(self.linear(self.norm(x)))
 
 
 class AVBert(nn.Module):
@@ -97,8 +118,8 @@ class AVBert(nn.Module):
         d = cfg.dim
         self.visual_cnn = VisualResNet(cfg.visual_width, cfg.visual_depths, cfg.visual_temporal_kernels, bn_eps=cfg.bn_eps, zero_init_residual=cfg.zero_init_residual)
         self.audio_cnn = AudioResNet(cfg.audio_width, cfg.audio_depths, cfg.audio_separable_stages, bn_eps=cfg.bn_eps, zero_init_residual=cfg.zero_init_residual)
-        self.visual_proj = InputProjection(self.visual_cnn.out_features, d, cfg.ln_eps, cfg.init_std)
-        self.audio_proj = InputProjection(self.audio_cnn.out_features, d, cfg.ln_eps, cfg.init_std)
+        self.visual_proj = InputProjection(self.visual_cnn.out_features, d, cfg.ln_eps, cfg.init_std, cfg.feature_norm)
+        self.audio_proj = InputProjection(self.audio_cnn.out_features, d, cfg.ln_eps, cfg.init_std, cfg.feature_norm)
         self.visual_bos = nn.Parameter(torch.randn(d) * cfg.init_std)
         self.audio_bos = nn.Parameter(torch.randn(d) * cfg.init_std)
 

@@ -1,0 +1,136 @@
+"""``python -m avmt.bench``: run the benchmark suite, write the report, or print memory per scheme.
+
+    python -m avmt.bench run [--full] [--out benchmarks/results/NAME.json] [-- PYTEST ARGS]   # suite + report
+    python -m avmt.bench report [PATHS ...] [--out benchmarks/results/report.md] [--no-plots]
+    python -m avmt.bench memory [--preset paper] [--scope transformer|model] [--batch 4] [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from avmt.config import SHARING_SCHEMES, ConfigError, add_config_arguments, config_from_args
+
+SUITE = ("test_bench_memory.py", "test_bench_step.py", "test_bench_lowrank.py", "test_bench_sampling.py")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from avmt.bench.report import load_results, render
+
+    paths = args.paths or ["benchmarks/results"]
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        print(f"python -m avmt.bench report: not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    res = load_results(paths)
+    if not res.sources:
+        print(f"python -m avmt.bench report: no result files in {', '.join(paths)}", file=sys.stderr)
+        return 1
+    try:
+        text = render(res, out.parent, plots=not args.no_plots)
+    except ImportError as e:
+        print(f"python -m avmt.bench report: {e}; install the plotting extra (pip install -e '.[bench]') or pass --no-plots", file=sys.stderr)
+        return 2
+    out.write_text(text)
+    print(f"wrote {out} from {len(res.sources)} result files" + ("" if args.no_plots else f" (plots in {out.parent})"))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    bench_dir = Path(args.benchmarks)
+    if not (bench_dir / "conftest.py").exists():
+        print(f"python -m avmt.bench run: {bench_dir} is not the benchmark folder; run from the repository root or pass --benchmarks",
+              file=sys.stderr)
+        return 2
+    mode = "full" if args.full else "quick"
+    out = Path(args.out or f"benchmarks/results/suite-{mode}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = [str(bench_dir / f) for f in (args.files or SUITE)]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, f"--benchmark-json={out}",
+           *(["--full"] if args.full else []), *args.pytest_args]
+    print("+", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        print(f"python -m avmt.bench run: pytest exited with {rc}; the JSON (if written) holds the cases that ran", file=sys.stderr)
+    if args.no_report or not out.exists():
+        return rc
+    report_args = argparse.Namespace(paths=[str(out.parent)], out=str(out.parent / "report.md"), no_plots=args.no_plots)
+    return rc or _report(report_args)
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from avmt.bench.memory import measure_step
+
+    args.overrides = ["model.sharing=none", "model.kernel=reference", *args.overrides]
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"python -m avmt.bench memory: error: {e}", file=sys.stderr)
+        return 2
+    rows = {}
+    for s in args.schemes.split(","):
+        if s not in SHARING_SCHEMES:
+            print(f"python -m avmt.bench memory: unknown scheme {s!r}", file=sys.stderr)
+            return 2
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sharing=s))
+        rows[s] = measure_step(c, scope=args.scope, mode=args.mode, batch=args.batch, clips=args.clips, precision=args.precision)
+    if args.json:
+        print(json.dumps({s: r.to_dict() for s, r in rows.items()}, indent=1))
+        return 0
+    mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
+    first = next(iter(rows.values()))
+    print(f"avmt step memory: preset={cfg.preset} scope={args.scope} mode={args.mode} batch={first.batch} T={first.clips} "
+          f"D={first.dim} L={first.layers} {first.precision}   (MiB)")
+    print(f"{'scheme':8} {'T.params':>12} {'weights':>10} {'grads':>10} {'AdamW':>10} {'T. w+g+opt':>11} {'activations':>12} {'total':>10}")
+    for s, r in rows.items():
+        print(f"{s:8} {r.params['transformer']:>12,} {mib(sum(r.weights.values())):>10} {mib(sum(r.grads.values())):>10} "
+              f"{mib(sum(r.optimizer.values())):>10} {mib(r.train_state('transformer')):>11} {mib(r.activation_bytes):>12} {mib(r.estimated_peak):>10}")
+    if "none" in rows and "lowrank" in rows:
+        print(f"Transformer w+g+opt, none / lowrank: {rows['none'].train_state('transformer') / rows['lowrank'].train_state('transformer'):.2f}x")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m avmt.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("report", help="Markdown + PNG report from result JSON files")
+    p.add_argument("paths", nargs="*", help="result JSON files or folders (default: benchmarks/results)")
+    p.add_argument("--out", default="benchmarks/results/report.md", help="Markdown file; the PNGs go next to it")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(fn=_report)
+
+    p = sub.add_parser("run", help="run the pytest-benchmark suite into a JSON file, then write the report")
+    p.add_argument("--full", action="store_true", help="full sweeps (slow); default: quick mode")
+    p.add_argument("--out", help="benchmark JSON (default: benchmarks/results/suite-<mode>-<date>.json)")
+    p.add_argument("--benchmarks", default="benchmarks", help="the benchmark folder (default: ./benchmarks)")
+    p.add_argument("--files", nargs="*", help=f"benchmark files in it (default: {' '.join(SUITE)})")
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("pytest_args", nargs="*", help="passed to pytest after --, e.g. -- -k memory")
+    p.set_defaults(fn=_run)
+
+    p = sub.add_parser("memory", help="print the memory of one training step per sharing scheme")
+    add_config_arguments(p)
+    p.add_argument("--scope", choices=["transformer", "model"], default="transformer")
+    p.add_argument("--mode", choices=["fake", "real"], default="fake")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--clips", type=int, default=None, help="T (default: the config's data.num_clips)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--schemes", default=",".join(SHARING_SCHEMES))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_memory)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""Turn benchmark result JSON into a Markdown report and PNG plots: ``python -m avmt.bench report``.
+
+Reads every ``*.json`` given (files or folders, default ``benchmarks/results``):
+
+- pytest-benchmark JSON (``--benchmark-json``): each benchmark's ``extra_info`` says what it measured —
+  ``kind="memory"`` (:mod:`avmt.bench.memory` records), ``kind="step"`` (training-step time),
+  ``kind="largest_batch"``, the low-rank kernel sweep (``impl`` = triton / reference / compiled) and the
+  negative-sampling sweep (``backend``); the file's ``avmt`` block (device, versions, command, date) is quoted;
+- the summary JSON of ``benchmarks/bench_loader.py`` (``"bench": "cpu_loader"``) and of the sampling sweep
+  (``"benchmark": "sample_negatives..."``).
+
+Where the same case was measured more than once, full-mode runs win over quick ones, then the newest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from avmt.config import SHARING_SCHEMES
+
+MiB = 2**20
+COMPONENTS = ("weights", "grads", "optimizer", "weight_copies", "activations")
+COMPONENT_LABELS = {"weights": "weights", "grads": "gradients", "optimizer": "AdamW state (3 buffers)",
+                    "weight_copies": "bf16 weight copies (autocast)", "activations": "activations"}
+
+
+@dataclass
+class Record:
+    """One measured case: where it came from and what it says."""
+
+    source: str
+    meta: dict[str, Any]
+    name: str
+    info: dict[str, Any]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def full(self) -> bool:
+        return self.meta.get("mode") == "full"
+
+    @property
+    def date(self) -> str:
+        return str(self.meta.get("date") or self.meta.get("datetime") or "")
+
+
+@dataclass
+class Results:
+    records: list[Record] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)  # one per file: path, kind, device, date, command
+    loader: list[dict[str, Any]] = field(default_factory=list)
+    sampling: list[dict[str, Any]] = field(default_factory=list)  # the sampling sweep's summary files
+    skipped: list[str] = field(default_factory=list)
+
+
+def load_results(paths: Iterable[str | Path]) -> Results:
+    """Read result files (JSON files or folders of them) into :class:`Results`."""
+    res = Results()
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            res.skipped.append(f"{f}: {e}")
+            continue
+        if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
+            meta = dict(data.get("avmt") or {})
+            meta.setdefault("date", data.get("datetime"))
+            meta.setdefault("device", (data.get("machine_info") or {}).get("cpu", {}).get("brand_raw"))
+            res.sources.append({"path": str(f), "kind": "pytest-benchmark", **meta})
+            for b in data["benchmarks"]:
+                res.records.append(Record(str(f), meta, b.get("name", ""), dict(b.get("extra_info") or {}), dict(b.get("stats") or {})))
+        elif isinstance(data, dict) and data.get("bench") == "cpu_loader":
+            res.loader.append({"path": str(f), **data})
+            res.sources.append({"path": str(f), "kind": "bench_loader.py", "device": f"cpu ({data.get('cpus')} cores)", "torch": data.get("torch"),
+                                "date": data.get("date"), "command": data.get("command"), "mode": "quick" if data.get("quick") else "full"})
+        elif isinstance(data, dict) and str(data.get("benchmark", "")).startswith("sample_negatives"):
+            res.sampling.append({"path": str(f), **data})
+            res.sources.append({"path": str(f), "kind": "sampling sweep", "device": data.get("device"), "torch": data.get("torch"), "date": data.get("date"),
+                                "command": data.get("command"), "mode": "full"})
+        else:
+            res.skipped.append(f"{f}: not a result file this report knows")
+    return res
+
+
+def _latest(records: list[Record], key) -> dict[Any, Record]:
+    """One record per key: full mode over quick, then the newest."""
+    out: dict[Any, Record] = {}
+    for r in records:
+        k = key(r)
+        cur = out.get(k)
+        if cur is None or (r.full, r.date) >= (cur.full, cur.date):
+            out[k] = r
+    return out
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / MiB:,.1f}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _scheme_order(s: str) -> int:
+    return SHARING_SCHEMES.index(s) if s in SHARING_SCHEMES else len(SHARING_SCHEMES)
+
+
+# -- memory ----------------------------------------------------------------------------------------------------------
+def memory_records(res: Results) -> dict[tuple, Record]:
+    mem = [r for r in res.records if r.info.get("kind") == "memory"]
+    return _latest(mem, lambda r: (r.info["scope"], r.info["mode"], r.info["precision"], r.info["preset"], r.info["variant"],
+                                   r.info["sharing"], r.info["batch"], r.info["clips"], r.info["device"]))
+
+
+def _mem_component(info: dict[str, Any], comp: str, parts: tuple[str, ...] | None = None) -> int:
+    if comp == "activations":
+        return int(sum(info["activations"].values()))
+    if comp == "weight_copies":
+        return int(info.get("weight_copies", 0))
+    d = info[comp]
+    return int(sum(v for k, v in d.items() if parts is None or k in parts))
+
+
+def transformer_ratio(res: Results) -> dict[str, Any] | None:
+    """The headline: weights + gradients + AdamW state of the Transformer part, none / lowrank, paper preset."""
+    mem = memory_records(res)
+    pick = {}
+    for k, r in mem.items():
+        scope, mode, precision, preset, variant, sharing = k[:6]
+        if scope == "transformer" and precision == "fp32" and preset == "paper" and variant == "paper":
+            pick.setdefault(sharing, r)
+    if "none" not in pick or "lowrank" not in pick:
+        return None
+    state = {s: sum(_mem_component(r.info, c, ("transformer",)) for c in ("weights", "grads", "optimizer")) for s, r in pick.items()}
+    return {"none_bytes": state["none"], "lowrank_bytes": state["lowrank"], "ratio": state["none"] / state["lowrank"],
+            "param_ratio": pick["none"].info["params"]["transformer"] / pick["lowrank"].info["params"]["transformer"],
+            "state": state}
+
+
+def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
+    mem = memory_records(res)
+    md: list[str] = ["## Memory per sharing scheme", ""]
+    if not mem:
+        return md + ["No memory results.", ""]
+    md += [
+        "Bytes of one training step (`avmt.bench.memory.measure_step`): weights, gradients and AdamW+AMSGrad state "
+        "(3 buffers) from the tensors after a real `optimizer.step()`; activations = what autograd saves for backward "
+        "(`saved_tensors_hooks`, each storage once, parameters and the input batch excluded; saved casts of parameters, i.e. "
+        "the bf16 weight copies autocast keeps, are a column of their own). `fake` = FakeTensorMode "
+        "(shapes only, no compute; checked equal to real runs), `real` = computed on the device named. *total* = "
+        "weights + gradients + optimizer + weight copies + activations + inputs: an estimate of the peak without temporaries.",
+        "",
+    ]
+    ratio = transformer_ratio(res)
+    if ratio:
+        md += [f"**Transformer part, paper preset: weights + gradients + AdamW state {_mib(ratio['none_bytes'])} MiB (`none`) vs "
+               f"{_mib(ratio['lowrank_bytes'])} MiB (`lowrank`): {ratio['ratio']:.1f}× smaller** (parameter ratio {ratio['param_ratio']:.1f}×).", ""]
+
+    def shapes(scope: str, preset: str, variant: str, precision: str) -> list[tuple[int, int]]:
+        """The (batch, clips) measured for this case, largest batch first."""
+        return sorted({(k[6], k[7]) for k in mem if k[0] == scope and k[3] == preset and k[4] == variant and k[2] == precision}, reverse=True)
+
+    def group(scope: str, preset: str, variant: str, precision: str, shape: tuple[int, int]) -> dict[str, Record]:
+        rows = {}
+        for k, r in sorted(mem.items(), key=lambda kv: kv[0][1] != "real"):  # real over fake (equal where both ran: tested)
+            if k[0] == scope and k[3] == preset and k[4] == variant and k[2] == precision and (k[6], k[7]) == shape:
+                rows.setdefault(k[5], r)
+        return dict(sorted(rows.items(), key=lambda kv: _scheme_order(kv[0])))
+
+    def describe(r: Record) -> str:
+        i = r.info
+        return (f"D={i['dim']}, L={i['layers']}, heads={i['heads']}, FFN={i['ffn_dim']}, O={i['rank']}, batch {i['batch']} × T={i['clips']} clips, "
+                f"{i['precision']}, {i['mode']} on {i['device']} ({Path(r.source).name})")
+
+    # 1. Transformer part / whole model at the paper preset, per precision
+    for scope, title, parts in (("transformer", "Transformer part (`model.encode`)", ("transformer", "embedding")),
+                                ("model", "Whole model with CNNs (CNNs + projections + Transformers)", None),
+                                ("pretraining", "Real pretraining step (MEP + CPP heads included)", None)):
+        for preset in sorted({k[3] for k in mem if k[0] == scope}, key=lambda p: (p != "paper", p)):
+            for precision, shape in ((p, sh) for p in ("fp32", "bf16") for sh in shapes(scope, preset, preset, p)):
+                rows = group(scope, preset, preset, precision, shape)
+                first = next(iter(rows.values()))
+                modes = sorted({r.info["mode"] for r in rows.values()})
+                md += [f"### {title}: `{preset}` preset, batch {shape[0]} × T={shape[1]}, {precision}", "",
+                       describe(first).replace(f", {first.info['mode']} on", f", {' + '.join(modes)} on"), ""]
+                copies = any(r.info.get("weight_copies") for r in rows.values())
+                head = ["scheme", "Transformer params", "weights MiB", "gradients MiB", "AdamW MiB", "Transformer w+g+opt MiB",
+                        "vs none", "activations MiB", "(CNN / Transformer / heads)", *(["bf16 weight copies MiB"] if copies else []), "total MiB"]
+                base = rows.get("none")
+                table = []
+                for s, r in rows.items():
+                    i = r.info
+                    tstate = sum(_mem_component(i, c, ("transformer",)) for c in ("weights", "grads", "optimizer"))
+                    bstate = sum(_mem_component(base.info, c, ("transformer",)) for c in ("weights", "grads", "optimizer")) if base else None
+                    split = " / ".join(_mib(i["activations"].get(p, 0)) for p in ("cnn", "transformer", "heads") if p in i["activations"])
+                    peak = f" (GPU peak {_mib(i['peak_allocated'])})" if i.get("peak_allocated") else ""
+                    table.append([f"`{s}`", f"{i['params']['transformer']:,}", _mib(_mem_component(i, "weights", parts)),
+                                  _mib(_mem_component(i, "grads", parts)), _mib(_mem_component(i, "optimizer", parts)), _mib(tstate),
+                                  f"{bstate / tstate:.1f}× smaller" if bstate and s != "none" else "-", _mib(_mem_component(i, "activations")),
+                                  split, *([_mib(i.get("weight_copies", 0))] if copies else []), _mib(i["estimated_peak"]) + peak])
+                md += [_table(head, table), ""]
+                if plots:
+                    name = f"memory_{scope}_{preset}_b{shape[0]}_t{shape[1]}_{precision}.png"
+                    _plot_stacked(rows, parts, out_dir / name, f"{title}\n{preset} preset, batch {first.info['batch']}, T={first.info['clips']}, {precision}")
+                    md += [f"![{title}, {preset}]({name})", ""]
+
+    # 2. sweeps around the paper preset
+    for scope, title in (("transformer", "Transformer part"), ("model", "Whole model with CNNs")):
+        variants = sorted({k[4] for k in mem if k[0] == scope and k[3] == "paper" and k[2] == "fp32"})
+        if len(variants) < 2:
+            continue
+        md += [f"### Sweep around the paper preset: {title}, fp32, batch {BATCH_NOTE}", "",
+               "Per cell: weights + gradients + AdamW state of the Transformer layers / activations / total, MiB.", ""]
+        cols = [s for s in SHARING_SCHEMES if any(k[5] == s for k in mem if k[0] == scope)]
+        table, sweep = [], {}
+        for v in sorted(variants, key=_variant_order):
+            rows = group(scope, "paper", v, "fp32", next((sh for sh in shapes(scope, "paper", v, "fp32") if sh[0] == SWEEP_BATCH), (-1, -1)))
+            if not rows:
+                continue
+            first = next(iter(rows.values())).info
+            cells = []
+            for s in cols:
+                r = rows.get(s)
+                if r is None:
+                    cells.append("-")
+                    continue
+                tstate = sum(_mem_component(r.info, c, ("transformer",)) for c in ("weights", "grads", "optimizer"))
+                cells.append(f"{_mib(tstate)} / {_mib(_mem_component(r.info, 'activations'))} / {_mib(r.info['estimated_peak'])}")
+                sweep[(v, s)] = (first, tstate, _mem_component(r.info, "activations"), r.info["estimated_peak"])
+            table.append([v, f"D={first['dim']} L={first['layers']} T={first['clips']}", *cells])
+        md += [_table(["variant", "shape", *[f"`{s}`" for s in cols]], table), ""]
+        if plots:
+            name = f"memory_sweep_{scope}.png"
+            _plot_sweep(sweep, cols, out_dir / name, f"{title}: memory vs D, L, T (paper preset otherwise), fp32, batch {SWEEP_BATCH}; activations of none/layers/all coincide")
+            md += [f"![{title} sweep]({name})", ""]
+    return md
+
+
+SWEEP_BATCH = 4
+BATCH_NOTE = f"{SWEEP_BATCH} (the paper's per-GPU batch)"
+
+
+def _variant_order(v: str) -> tuple[int, int]:
+    if v == "paper":
+        return (0, 0)
+    axis = {"D": 1, "L": 2, "T": 3}.get(v[:1], 4)
+    try:
+        return (axis, int(v[1:]))
+    except ValueError:
+        return (axis, 0)
+
+
+def _plot_stacked(rows: dict[str, Record], parts: tuple[str, ...] | None, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schemes = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    bottom = [0.0] * len(schemes)
+    colors = {"weights": "#4c72b0", "grads": "#55a868", "optimizer": "#c44e52", "weight_copies": "#dd8452", "activations": "#8172b2"}
+    for comp in COMPONENTS:
+        vals = [_mem_component(rows[s].info, comp, parts) / MiB for s in schemes]
+        if not any(vals):
+            continue
+        ax.bar(schemes, vals, bottom=bottom, label=COMPONENT_LABELS[comp], color=colors[comp])
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for x, b in enumerate(bottom):
+        ax.text(x, b, f"{b:,.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_sweep(sweep: dict[tuple[str, str], tuple], schemes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_def = (("D", "dim", "D (width)"), ("L", "layers", "L (layers per Transformer)"), ("T", "clips", "T (clips per sequence)"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for ax, (prefix, key, label) in zip(axes, axes_def):
+        for s in schemes:
+            pts = sorted({(info[key], state, act) for (v, sc), (info, state, act, _) in sweep.items() if sc == s and (v == "paper" or v.startswith(prefix))})
+            if not pts:
+                continue
+            line = ax.plot([p[0] for p in pts], [p[1] / MiB for p in pts], marker="o", label=f"{s}: w+g+opt")[0]
+            ax.plot([p[0] for p in pts], [p[2] / MiB for p in pts], marker="x", linestyle="--", color=line.get_color(), label=f"{s}: activations")
+        ax.set_xlabel(label)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("MiB (log)")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- speed -----------------------------------------------------------------------------------------------------------
+def _speed_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
+    steps = _latest([r for r in res.records if r.info.get("kind") == "step"],
+                    lambda r: (r.info["preset"], r.info["sharing"], r.info["batch"], r.info["device"], r.info["precision"]))
+    md = ["## Training-step time per sharing scheme", ""]
+    if not steps:
+        return md + ["No step timings.", ""]
+    md += ["One `Pretraining` step (forward with MEP + CPP, backward, AdamW step) on random clips, no data loading.", ""]
+    rows = []
+    for k, r in sorted(steps.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][2], _scheme_order(kv[0][1]))):
+        i, st = r.info, r.stats
+        rows.append([f"`{i['preset']}`", f"`{i['sharing']}`", str(i["batch"]), f"{i['device']} ({i['precision']})",
+                     f"{st.get('mean', float('nan')):.3f}", f"{st.get('min', float('nan')):.3f}", f"{st.get('median', float('nan')):.3f}",
+                     f"{i['sequences_per_s']:.2f}" if i.get("sequences_per_s") else "-", str(st.get("rounds", "-")),
+                     f"{r.meta.get('mode', '?')}, {Path(r.source).name}"])
+    md += [_table(["preset", "scheme", "batch", "device", "mean s", "min s", "median s", "sequences/s", "rounds", "run"], rows), ""]
+    md += [_load_note(list(steps.values())), ""]
+    if plots:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        groups = sorted({(k[0], k[2], k[3], k[4]) for k in steps})
+        fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+        for ax, (preset, batch, device, precision) in zip(axes[0], groups):
+            sel = sorted(((k[1], r) for k, r in steps.items() if (k[0], k[2], k[3], k[4]) == (preset, batch, device, precision)),
+                         key=lambda x: _scheme_order(x[0]))
+            ax.bar([s for s, _ in sel], [r.stats.get("median", 0) for _, r in sel], color="#4c72b0")
+            ax.errorbar([s for s, _ in sel], [r.stats.get("median", 0) for _, r in sel],
+                        yerr=[[r.stats.get("median", 0) - r.stats.get("min", 0) for _, r in sel],
+                              [r.stats.get("max", 0) - r.stats.get("median", 0) for _, r in sel]], fmt="none", color="k", capsize=3)
+            ax.set_title(f"{preset}, batch {batch}, {device} {precision}", fontsize=9)
+            ax.set_ylabel("s per step (median, min-max)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "speed_step.png", dpi=110)
+        plt.close(fig)
+        md += ["![training-step time](speed_step.png)", ""]
+    return md
+
+
+def _load_note(records: list[Record]) -> str:
+    loads = sorted({r.info["loadavg"] for r in records if r.info.get("loadavg") is not None})
+    if not loads:
+        return ""
+    cpus = records[0].info.get("cpus") or 0
+    note = f"1-minute load average during these runs: {loads[0]:.1f} to {loads[-1]:.1f} on {cpus or '?'} cores"
+    if cpus and loads[-1] > 1.5 * cpus:
+        note += " (other work shared the machine: CPU times are noisy; compare min and median)"
+    return note + "."
+
+
+# -- kernels, sampling, loader, largest batch -------------------------------------------------------------------------
+def _kernel_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
+    md = ["## Low-rank kernel: Triton vs eager vs torch.compile", ""]
+    recs = [r for r in res.records if "impl" in r.info and "tokens" in r.info]
+    gpu = [r for r in recs if not r.info.get("interpreter") and not str(r.info.get("device", "cpu")).startswith("cpu")]
+    if not gpu:
+        n = len(recs)
+        return md + [f"No GPU results yet ({n} CPU/interpreter run{'s' if n != 1 else ''} found, which only prove the benchmark code "
+                     "works). Run `python -m pytest benchmarks/test_bench_lowrank.py --full --benchmark-json=benchmarks/results/lowrank-<gpu>.json` on a GPU.", ""]
+    latest = _latest(gpu, lambda r: (r.info["impl"], r.info["tokens"], r.info["n"], r.info["m"], r.info["gelu"], r.info["backward"], r.info["device"]))
+    cases = sorted({k[1:] for k in latest})
+    rows, curves = [], {}
+    for tokens, n, m, gelu, backward, device in cases:
+        t = {impl: latest[(impl, tokens, n, m, gelu, backward, device)].stats.get("median") for impl in ("triton", "reference", "compiled")
+             if (impl, tokens, n, m, gelu, backward, device) in latest}
+        tri = t.get("triton")
+        su_ref = t["reference"] / tri if tri and t.get("reference") else None
+        su_comp = t["compiled"] / tri if tri and t.get("compiled") else None
+        gbs = latest[("triton", tokens, n, m, gelu, backward, device)].info.get("gb_per_s") if tri else None
+        rows.append([str(tokens), f"{n}→{m}{' +GELU' if gelu else ''}", "fwd+bwd" if backward else "fwd", device,
+                     *(f"{t[i] * 1e3:.3f}" if t.get(i) else "-" for i in ("triton", "reference", "compiled")),
+                     f"{su_ref:.2f}×" if su_ref else "-", f"{su_comp:.2f}×" if su_comp else "-", f"{gbs:.0f}" if gbs else "-"])
+        curves.setdefault((n, m, gelu, backward), []).append((tokens, su_ref, su_comp))
+    md += [_table(["tokens", "map", "pass", "device", "Triton ms", "eager ms", "compiled ms", "vs eager", "vs compile", "Triton GB/s"], rows), ""]
+    if plots:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for (n, m, gelu, backward), pts in sorted(curves.items()):
+            pts.sort()
+            lab = f"{n}→{m}{'+GELU' if gelu else ''} {'fwd+bwd' if backward else 'fwd'}"
+            ax.plot([p[0] for p in pts if p[1]], [p[1] for p in pts if p[1]], marker="o", label=f"{lab} vs eager")
+            ax.plot([p[0] for p in pts if p[2]], [p[2] for p in pts if p[2]], marker="x", linestyle="--", label=f"{lab} vs compile")
+        ax.axhline(1, color="k", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("speed-up of the Triton kernel")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out_dir / "kernel_speedup.png", dpi=110)
+        plt.close(fig)
+        md += ["![kernel speed-ups](kernel_speedup.png)", ""]
+    return md
+
+
+def _sampling_section(res: Results) -> list[str]:
+    md = ["## Negative sampling (collected)", ""]
+    rows = []
+    for s in res.sampling:
+        for r in s.get("results", []):
+            rows.append([r.get("backend", "?"), f"{r.get('np', 0):,}", str(r.get("na", "")), f"{r.get('median_ms', float('nan')):,.2f}",
+                         f"{r.get('min_ms', float('nan')):,.2f}", f"{r.get('peak_extra_mib', float('nan')):,.1f}", str(s.get("device", "?")),
+                         Path(s["path"]).name])
+    recs = _latest([r for r in res.records if "backend" in r.info and "np" in r.info],
+                   lambda r: (r.info["backend"], r.info["np"], r.info.get("device")))
+    for (backend, np_, device), r in sorted(recs.items(), key=lambda kv: (str(kv[0][2]), kv[0][0], kv[0][1])):
+        rows.append([backend, f"{np_:,}", str(r.info.get("na", "")), f"{r.stats.get('median', float('nan')) * 1e3:,.2f}",
+                     f"{r.stats.get('min', float('nan')) * 1e3:,.2f}", _mib(r.info.get("peak_extra_bytes")), str(device),
+                     f"{Path(r.source).name} ({r.meta.get('mode', '?')})"])
+    if not rows:
+        return md + ["No sampling results.", ""]
+    return md + [_table(["backend", "pool Np", "anchors", "median ms", "min ms", "peak extra MiB", "device", "file"], rows), ""]
+
+
+def _loader_section(res: Results) -> list[str]:
+    md = ["## Data loader (collected)", ""]
+    if not res.loader:
+        return md + ["No loader results.", ""]
+    rows = [[Path(d["path"]).name, f"{d.get('sequences_per_s')}", f"{d.get('seconds_per_sequence')}", str(d.get("batch_size")),
+             str(d.get("workers")), str(d.get("cpus")), "quick" if d.get("quick") else "full", str(d.get("date"))] for d in res.loader]
+    return md + ["CPU (PyAV) loader at the paper shapes (T=15 × 32 frames, 112², 80×128 log-mel).", "",
+                 _table(["file", "sequences/s", "s/sequence", "batch", "workers", "cpus", "mode", "date"], rows), ""]
+
+
+def _largest_batch_section(res: Results) -> list[str]:
+    md = ["## Largest batch that fits (paper preset, T=15)", ""]
+    recs = _latest([r for r in res.records if r.info.get("kind") == "largest_batch"], lambda r: (r.info["sharing"], r.info["device"]))
+    if not recs:
+        return md + ["No GPU results yet: `test_bench_step.py::test_largest_batch` runs on a CUDA device only.", ""]
+    rows = [[f"`{s}`", dev, str(r.info["largest_batch"]), _mib(r.info.get("memory_bytes")), str(len(r.info.get("trials", [])))]
+            for (s, dev), r in sorted(recs.items(), key=lambda kv: _scheme_order(kv[0][0]))]
+    return md + [_table(["scheme", "device", "largest batch", "device MiB", "tries"], rows), ""]
+
+
+def render(res: Results, out_dir: str | Path, plots: bool = True) -> str:
+    """The Markdown report; PNGs (when ``plots``) are written into ``out_dir``, next to where the Markdown goes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = ["# avmt benchmark report", "", "Generated by `python -m avmt.bench report` from:", ""]
+    md += [f"- `{Path(s['path']).name}`: {s['kind']}, {s.get('mode') or '?'} mode, {s.get('device') or '?'}, torch {s.get('torch') or '?'}, "
+           f"{s.get('date') or '?'}; `{s.get('command') or '?'}`" for s in res.sources]
+    md += [""]
+    md += _memory_section(res, out_dir, plots)
+    md += _speed_section(res, out_dir, plots)
+    md += _largest_batch_section(res)
+    md += _kernel_section(res, out_dir, plots)
+    md += _sampling_section(res)
+    md += _loader_section(res)
+    if res.skipped:
+        md += ["## Files not used", "", *[f"- {s}" for s in res.skipped], ""]
+    return "\n".join(md)

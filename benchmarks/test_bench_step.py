@@ -1,0 +1,88 @@
+"""Training-step time per parameter-sharing scheme (issue #7), and the largest batch that fits on a GPU.
+
+A step is what ``avmt.train`` runs per batch: ``Pretraining`` forward (MEP + CPP, content-aware negatives),
+backward, ``AdamW(amsgrad=True).step()``, ``zero_grad``; random clips of the preset's shape (no data loading).
+Quick mode: `tiny`, batch 2, one round. Full mode: `tiny` batch 8 (5 rounds) and `small` batch 4 (3 rounds) on the
+CPU; the `paper` preset (batch 4, T=15, bf16 autocast) only on a GPU. GPU only: the largest batch of the paper
+preset with 30 s sequences (T=15) whose training step fits, per scheme (binary search, OOM caught).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from avmt.bench.search import largest_fitting_batch, training_step_fits
+from avmt.config import SHARING_SCHEMES, load_config
+from avmt.models import AVBert
+from avmt.objectives import Pretraining
+from avmt.params import count_parts
+from avmt.train import build_optimizer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASES = {  # preset: (batch, rounds) in full mode
+    "tiny": (8, 5),
+    "small": (4, 3),
+    "paper": (4, 10),
+}
+
+
+@pytest.mark.parametrize("scheme", SHARING_SCHEMES)
+@pytest.mark.parametrize("preset", list(CASES))
+def test_train_step(benchmark, full, preset, scheme):
+    if not full and preset != "tiny":
+        pytest.skip("full mode only (--full)")
+    if preset == "paper" and DEVICE != "cuda":
+        pytest.skip("the paper preset's step is timed on a GPU only (a CPU step would take minutes)")
+    batch, rounds = CASES[preset] if full else (2, 1)
+    cfg = load_config(preset, overrides=[f"model.sharing={scheme}"])
+    d = cfg.data
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AVBert(cfg.model)
+        pre = Pretraining(model, cfg.objective)
+    pre.train()
+    opt = build_optimizer(pre.parameters(), cfg.train)
+    gen = torch.Generator().manual_seed(0)
+    video = torch.randn(batch, d.num_clips, 3, d.frames, d.crop_size, d.crop_size, device=DEVICE)
+    audio = torch.randn(batch, d.num_clips, 1, d.n_mels, d.mel_frames, device=DEVICE)
+    bf16 = DEVICE == "cuda" and cfg.train.precision in ("auto", "bf16")
+    losses: list[float] = []
+
+    def step() -> None:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
+            loss = pre(video, audio, generator=gen).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))  # also synchronises a GPU
+
+    before = [p.detach().clone() for p in model.layers.parameters()]
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if full else 0)
+    # the timed function trained: finite losses and every Transformer parameter moved
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(b, p.detach()) for b, p in zip(before, model.layers.parameters()))
+    mean = benchmark.stats.stats.mean if benchmark.stats is not None else float("nan")
+    benchmark.extra_info.update(
+        kind="step", preset=preset, sharing=scheme, batch=batch, clips=d.num_clips, device=DEVICE,
+        precision="bf16" if bf16 else "fp32", threads=torch.get_num_threads(), cpus=os.cpu_count(), loadavg=os.getloadavg()[0],
+        transformer_params=count_parts(model)["transformer"], sequences_per_s=batch / mean if mean == mean and mean > 0 else None,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", SHARING_SCHEMES)
+def test_largest_batch(benchmark, scheme, summary_line):
+    """Paper preset, 30 s sequences (T=15), bf16 autocast: the largest batch whose training step fits the GPU."""
+    cfg = load_config("paper", overrides=[f"model.sharing={scheme}"])
+    assert cfg.data.num_clips == 15
+    best, trials = benchmark.pedantic(lambda: largest_fitting_batch(lambda b: training_step_fits(cfg, b), start=4, limit=4096),
+                                      rounds=1, iterations=1)
+    assert best >= 1, f"not even batch 1 fits: {trials}"
+    assert (best, True) in trials and all(not ok for b, ok in trials if b > best)
+    summary_line(f"largest batch, paper preset, T=15, sharing={scheme}: {best} ({torch.cuda.get_device_name()}; tries {trials})")
+    benchmark.extra_info.update(kind="largest_batch", preset="paper", sharing=scheme, clips=15, largest_batch=best, trials=trials,
+                                device=torch.cuda.get_device_name(), memory_bytes=torch.cuda.get_device_properties(0).total_memory)
