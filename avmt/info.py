@@ -1,7 +1,8 @@
 """What this machine offers avmt: ``python -m avmt.info [--json]``.
 
-Prints the versions of Python, torch, CUDA, Triton and DALI that are present, and for every op with
-more than one possible implementation, which backend runs here and why the others do not.
+Prints the versions of Python, torch, CUDA, Triton and DALI that are present, for every op with more
+than one possible implementation which backend runs here and why the others do not, and which data
+loader ``data.loader=auto`` builds.
 """
 
 from __future__ import annotations
@@ -81,13 +82,25 @@ def op_statuses() -> list[OpStatus]:
     ]
 
 
+def loader_choice() -> OpStatus:
+    """Which data loader ``data.loader=auto`` builds here (for the device training would use), and why not the other."""
+    from avmt.data.loader import loader_status, select_loader
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return OpStatus(
+        op=f"data loader  (data.loader, avmt.data.loader, batches for {device})",
+        selected=select_loader("auto", device),
+        backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in loader_status(device).items()),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m avmt.info", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
-    env, ops = environment(), op_statuses()
+    env, ops, loader = environment(), op_statuses(), loader_choice()
     if args.json:
-        print(json.dumps({"environment": env, "ops": [asdict(o) for o in ops]}, indent=2))
+        print(json.dumps({"environment": env, "ops": [asdict(o) for o in ops], "data_loader": asdict(loader)}, indent=2))
         return 0
     print("avmt environment")
     width = max(map(len, env))
@@ -99,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {o.op}\n    selected: {o.selected}")
         for b in o.backends:
             print(f"    - {b.name}: {'available' if b.available else 'unavailable'} ({b.reason})")
+    print(f"{loader.op}\n    selected by data.loader=auto: {loader.selected}")
+    for b in loader.backends:
+        print(f"    - {b.name}: {'available' if b.available else 'unavailable'} ({b.reason})")
     return 0
 
 

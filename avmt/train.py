@@ -90,9 +90,13 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
     tc, run_dir = cfg.train, Path(cfg.train.run_dir)
     is_main = rank == 0
 
-    # -- data: fail before any work if it is missing ------------------------------------------------------------
-    from avmt.data.loader_cpu import CPULoader
+    # -- data: fail before any work if it is missing or the loader cannot run --------------------------------------
+    from avmt.data.loader import LoaderError, build_loader, select_loader
 
+    try:
+        select_loader(cfg.data.loader, device)
+    except LoaderError as e:
+        raise TrainingError(str(e)) from None
     if cfg.data.manifest:
         manifest = Path(cfg.data.manifest)
         if not manifest.is_file():
@@ -104,10 +108,13 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
             dist.barrier()
         if not is_main:
             manifest = synthetic_manifest(cfg.data, progress=False)
-    loader = CPULoader(manifest, cfg.data, tc.batch_size, train=True, seed=tc.seed, num_workers=cfg.data.num_workers,
-                       shard_id=rank, num_shards=world, drop_last=True)
+    try:  # data.loader: the CPU (PyAV) loader, or DALI (avmt.data.loader); both resume mid-epoch with iterate(k)
+        loader = build_loader(manifest, cfg.data, tc.batch_size, train=True, device=device, seed=tc.seed,
+                              shard_id=rank, num_shards=world, drop_last=True)
+    except LoaderError as e:
+        raise TrainingError(str(e)) from None
     if len(loader) == 0:
-        raise TrainingError(f"{manifest} holds {len(loader.dataset)} videos: fewer than one batch of {tc.batch_size} per process")
+        raise TrainingError(f"{manifest} holds fewer videos than one batch of {tc.batch_size} per process ({world} process(es))")
 
     # -- model, objectives, optimizer, schedule ---------------------------------------------------------------------
     torch.manual_seed(tc.seed)
@@ -240,6 +247,7 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
     path = save()
     if dist.is_initialized():  # the others wait for rank 0's last save before anyone tears the process group down
         dist.barrier()
+    loader.close()  # DALI: free its prefetching threads now, not at garbage collection (DALILoader.close)
 
     summary: dict[str, Any] = {"steps": step, "checkpoint": str(path), "nonfinite_skipped": nonfinite_total}
     if is_main:

@@ -141,6 +141,9 @@ class CPULoader:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
+    def close(self) -> None:
+        """Nothing to free (worker processes live only while an epoch is iterated); the DALI loader's interface."""
+
     def indices(self) -> np.ndarray:
         return shard_indices(len(self.dataset), self.epoch, self.seed, self.train, self.shard_id, self.num_shards)
 

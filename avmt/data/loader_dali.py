@@ -28,6 +28,7 @@ logged, the batch (and any batch DALI had already prefetched) is dropped and its
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,30 +46,39 @@ log = logging.getLogger("avmt.data")
 
 
 class _Source:
-    """Host side of the pipeline: yields per-batch lists for ``fn.external_source`` epoch after epoch.
+    """Host side of the pipeline: yields per-batch lists for ``fn.external_source``, epoch after epoch, from
+    batch ``batch`` of epoch ``epoch`` on.
 
-    Epoch ``e`` covers this shard's indices for ``e`` (shuffled in train mode) in batches of at most
-    ``batch_size`` (the last one smaller)."""
+    Epoch ``e`` covers this shard's indices for ``e`` (shuffled in train mode) in batches of ``batch_size``
+    (the last one smaller, or dropped with ``drop_last``). DALI prefetches, so the source runs ahead of the
+    caller: ``pending`` tags every batch handed to DALI and not yet returned, in order."""
 
-    def __init__(self, loader: DALILoader, start_epoch: int):
+    def __init__(self, loader: DALILoader, epoch: int, batch: int):
         self.loader = loader
-        self.epoch = start_epoch
-        self.current_epoch = start_epoch
-        self.batches: list[np.ndarray] = []
-        self.handed = 0  # samples handed to DALI so far (some may sit in its prefetch queue)
+        self.epoch, self.batch = epoch, batch  # the next batch to hand to DALI
+        self.pending: deque[tuple[int, int, int]] = deque()  # (epoch, batch, samples) handed, not yet returned
+        self._indices: tuple[int, np.ndarray] | None = None  # this epoch's shard indices (one permutation per epoch)
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, batch) of the next batch the caller will receive."""
+        if self.pending:
+            return self.pending[0][:2]
+        if self.batch >= len(self.loader):
+            return self.epoch + 1, 0
+        return self.epoch, self.batch
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
         L = self.loader
-        if not self.batches:
-            idx = L.indices(self.epoch)
-            self.batches = [idx[i : i + L.batch_size] for i in range(0, len(idx), L.batch_size)]
-            self.current_epoch = self.epoch
-            self.epoch += 1
-        batch = self.batches.pop(0)
-        self.handed += len(batch)
+        if self.batch >= len(L):
+            self.epoch, self.batch = self.epoch + 1, 0
+        if self._indices is None or self._indices[0] != self.epoch:
+            self._indices = (self.epoch, L.indices(self.epoch))
+        batch = self._indices[1][self.batch * L.batch_size : (self.batch + 1) * L.batch_size]
+        self.pending.append((self.epoch, self.batch, len(batch)))
+        self.batch += 1
         cols: tuple[list[np.ndarray], ...] = tuple([] for _ in range(8))
         for i in batch:
-            sample = L.host_sample(int(i), self.current_epoch)
+            sample = L.host_sample(int(i), self.epoch)
             for c, v in zip(cols, sample):
                 c.append(v)
         return cols
@@ -79,12 +89,16 @@ class DALILoader:
 
     ``device_id``: CUDA device for decoding and augmentation, or None for DALI's CPU backend.
     ``shard_id``/``num_shards``: DDP sharding as in :func:`avmt.data.clips.shard_indices`.
-    ``len(loader)`` batches per epoch; epochs advance automatically, one per full iteration.
+    ``len(loader)`` batches per epoch (only full ones with ``drop_last``). Iterating the loader yields the
+    current epoch from its first batch and then advances ``epoch`` by itself, so ``for batch in loader`` twice
+    gives two epochs. :meth:`set_epoch` + :meth:`iterate` give the CPU loader's interface: ``iterate(k)``
+    starts at batch ``k`` of that epoch (resume), rebuilding the pipeline only when the requested batch is not
+    where its prefetched stream continues (the first call, a resume, a jump); consecutive epochs stream on.
     """
 
     def __init__(self, manifest: str | Path | Sequence[dict], cfg: DataConfig, batch_size: int, train: bool, seed: int = 0,
                  device_id: int | None = None, shard_id: int = 0, num_shards: int = 1, num_threads: int = 2,
-                 prefetch: int = 2, max_retries: int = 10):
+                 prefetch: int = 2, max_retries: int = 10, drop_last: bool = False):
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
@@ -92,13 +106,13 @@ class DALILoader:
         self.records = list(manifest) if not isinstance(manifest, (str, Path)) else load_manifest(manifest)
         self.cfg, self.batch_size, self.train, self.seed = cfg, batch_size, train, seed
         self.device_id, self.shard_id, self.num_shards = device_id, shard_id, num_shards
-        self.num_threads, self.prefetch, self.max_retries = num_threads, prefetch, max_retries
+        self.num_threads, self.prefetch, self.max_retries, self.drop_last = num_threads, prefetch, max_retries, drop_last
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.mel = MelSpec.for_clip(cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.mel_frames)
         self.fbank = mel_filter_bank(self.mel.n_fft, cfg.sample_rate, cfg.n_mels)  # moved to the device on first use
         self.failures = 0
         self.epoch = 0
-        self._returned = 0  # samples yielded to the caller
+        self._shard_size = len(self.indices(0))  # the same every epoch (shard_indices pads every rank equally)
         self._pipe = None
         self._source: _Source | None = None
 
@@ -107,7 +121,12 @@ class DALILoader:
         return shard_indices(len(self.records), epoch, self.seed, self.train, self.shard_id, self.num_shards)
 
     def __len__(self) -> int:
-        return -(-len(self.indices(0)) // self.batch_size)
+        n = self._shard_size
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch :meth:`iterate` reads (the CPU loader's interface)."""
+        self.epoch = epoch
 
     def host_sample(self, i: int, epoch: int) -> tuple[np.ndarray, ...]:
         """Everything the graph needs for row ``i``, replacing failing rows (logged and counted)."""
@@ -160,7 +179,7 @@ class DALILoader:
             return video, audio, label, index
 
         if self._source is None:  # a rebuilt pipeline continues where the previous source stopped
-            self._source = _Source(self, self.epoch)
+            self._source = _Source(self, self.epoch, 0)
         return graph()
 
     def build(self) -> None:
@@ -169,6 +188,16 @@ class DALILoader:
         pipe.build()
         self._pipe = pipe
         self.fbank = self.fbank.to(self.device)
+
+    def close(self) -> None:
+        """Free the pipeline and its threads now (the next iteration rebuilds it). DALI keeps prefetching the
+        following batches in its own threads, which read files with PyAV: a process that forks while one of
+        them holds a lock (a ``fork``-started worker pool, ``DataLoader`` workers) can deadlock in the child,
+        so close a loader you are done with instead of waiting for the garbage collector."""
+        self._pipe, self._source = None, None
+        import gc
+
+        gc.collect()  # the pipeline's callback refers back to this loader: a reference cycle
 
     def _to_torch(self, out: Any) -> torch.Tensor:
         t = out.as_tensor()
@@ -181,25 +210,36 @@ class DALILoader:
         return dst
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.iterate(0)
+
+    def iterate(self, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches ``start_batch``.. of epoch ``self.epoch``; after its last batch ``self.epoch`` advances by one.
+
+        A decode error inside DALI loses the failed batch and the ones DALI had prefetched: they are counted in
+        ``failures`` and that epoch is shorter (a lost batch of the next epoch is re-read when that epoch starts,
+        since the pipeline is then rebuilt at its first batch)."""
+        if start_batch >= len(self):
+            return
+        want = (self.epoch, start_batch)
+        if self._source is None or self._source.position() != want:
+            self._source, self._pipe = _Source(self, *want), None  # drop whatever the old pipeline prefetched
         if self._pipe is None:
             self.build()
         cfg = self.cfg
-        for _ in range(len(self)):
+        while self._source.position()[0] == want[0]:
             try:
                 video_o, audio_o, label_o, index_o = self._pipe.run()
-            except StopIteration:
-                raise
             except Exception as e:  # noqa: BLE001 -- a decode error inside DALI: count what is lost, rebuild, go on
-                lost = self._source.handed - self._returned  # the failed batch and any prefetched ones
+                lost = sum(n for _, _, n in self._source.pending)  # the failed batch and any prefetched ones
                 self.failures += lost
-                self._returned = self._source.handed
+                self._source.pending.clear()
                 log.warning("DALI batch failed (%s: %s); %d sample(s) dropped and counted as failed, rebuilding the pipeline",
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "", lost)
                 self._pipe = None
                 self.build()
                 continue
+            self._source.pending.popleft()
             b = len(label_o)
-            self._returned += b
             video = self._to_torch(video_o)  # [B, 3, T*F, c, c]
             video = video.reshape(b, 3, cfg.num_clips, cfg.frames, cfg.crop_size, cfg.crop_size).permute(0, 2, 1, 3, 4, 5)
             wave = self._to_torch(audio_o).to(self.device)  # [B, T, N]
@@ -211,3 +251,4 @@ class DALILoader:
             yield {"video": video.contiguous(), "audio": audio.unsqueeze(2),
                    "label": torch.from_numpy(np.array(label_o.as_tensor())).reshape(b),
                    "index": torch.from_numpy(idx_seed[:, 0].copy())}
+        self.epoch = want[0] + 1

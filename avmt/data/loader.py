@@ -1,0 +1,115 @@
+"""Which loader runs, and the one place that builds it: ``data.loader = auto | cpu | dali``.
+
+- ``cpu``: :class:`avmt.data.loader_cpu.CPULoader` (PyAV in DataLoader workers; every codec FFmpeg has).
+- ``dali``: :class:`avmt.data.loader_dali.DALILoader`, on the GPU of ``device`` (NVDEC) when it is a CUDA
+  device, else DALI's CPU pipeline, whose decoder in the PyPI wheel reads VP9 and MJPEG but **not H.264**:
+  there a manifest with other codecs is refused before any work.
+- ``auto``: ``dali`` when ``device`` is a CUDA device and DALI imports, else ``cpu`` (on a CPU the PyAV
+  loader is the reference and decodes everything).
+
+Asking for ``dali`` where it cannot run raises :class:`LoaderError` with the reason, never a silent fallback.
+Both loaders share the batch contract (see :mod:`avmt.data.loader_cpu`) and the iteration interface the
+training loop uses: ``len(loader)`` batches per epoch, ``set_epoch(e)``, ``iterate(start_batch)`` (resume
+mid-epoch without decoding the skipped batches) and the running count ``loader.failures``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import torch
+
+from avmt.config import DataConfig
+
+if TYPE_CHECKING:
+    from avmt.data.loader_cpu import CPULoader
+    from avmt.data.loader_dali import DALILoader
+
+    Loader = Union[CPULoader, DALILoader]
+
+LOADERS = ("cpu", "dali")
+# Video codecs (PyAV/FFmpeg names, the manifest's ``video_codec``) that DALI's CPU decoder reads in the PyPI wheel.
+DALI_CPU_CODECS = ("vp9", "mjpeg")
+
+
+class LoaderError(RuntimeError):
+    """The requested loader cannot run here, or cannot read this manifest; the message says why."""
+
+
+def _dali_import_error() -> str | None:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:  # ImportError only: a broken install elsewhere should surface, not be hidden
+        return f"nvidia.dali does not import ({e}); pip install --no-build-isolation -e '.[dali]'"
+    return None
+
+
+def loader_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
+    """``{name: (can_run, why)}`` for every loader, for batches meant for ``device``."""
+    device = torch.device(device)
+    status = {"cpu": (True, "PyAV decoding in DataLoader worker processes; every codec FFmpeg has (the reference)")}
+    err = _dali_import_error()
+    if err is not None:
+        status["dali"] = (False, err)
+    elif device.type == "cuda":
+        status["dali"] = (True, f"DALI pipeline on {device}: NVDEC decode, resize/crop on the GPU")
+    else:
+        status["dali"] = (True, f"DALI's CPU pipeline only (no CUDA device): decodes {'/'.join(DALI_CPU_CODECS)}, not H.264")
+    return status
+
+
+def select_loader(choice: str, device: torch.device | str) -> str:
+    """The loader ``data.loader=choice`` runs for ``device``: ``cpu`` or ``dali``. Raises LoaderError if forced and impossible."""
+    device = torch.device(device)
+    status = loader_status(device)
+    if choice == "auto":
+        return "dali" if device.type == "cuda" and status["dali"][0] else "cpu"
+    if choice not in LOADERS:
+        raise LoaderError(f"data.loader={choice!r} is invalid: expected 'auto', 'cpu' or 'dali'")
+    ok, why = status[choice]
+    if not ok:
+        raise LoaderError(f"data.loader={choice!r} cannot run here: {why}")
+    return choice
+
+
+def check_dali_cpu_codecs(records: Sequence[dict]) -> None:
+    """Raise LoaderError if DALI's CPU decoder cannot read every video of ``records`` (checked before any
+    work: a whole manifest of H.264 would otherwise fail batch after batch inside the pipeline)."""
+    bad = [r for r in records if r.get("video_codec") not in DALI_CPU_CODECS]
+    if bad:
+        codecs = sorted({str(r.get("video_codec")) for r in bad})
+        raise LoaderError(
+            f"data.loader='dali' without a CUDA device runs DALI's CPU decoder, which reads only {', '.join(DALI_CPU_CODECS)}: "
+            f"{len(bad)} of {len(records)} videos are {', '.join(codecs)} (e.g. {bad[0]['path']}). "
+            "Use data.loader=cpu (or auto), re-encode to VP9/webm, or run on a GPU"
+        )
+
+
+def build_loader(manifest: str | Path | Sequence[dict], cfg: DataConfig, batch_size: int, train: bool, device: torch.device | str,
+                 seed: int = 0, shard_id: int = 0, num_shards: int = 1, drop_last: bool = False, choice: str | None = None) -> Loader:
+    """The loader ``choice`` (default ``cfg.loader``) selects for ``device``, over a manifest path or its records.
+
+    Batches are ``[B, ...]`` tensors on ``device`` for DALI on a GPU, on the CPU otherwise (the caller moves them).
+    ``drop_last``: only full batches (training: every step and every DDP rank sees ``batch_size`` sequences).
+    """
+    device = torch.device(device)
+    name = select_loader(choice or cfg.loader, device)
+    if name == "cpu":
+        from avmt.data.loader_cpu import CPULoader
+
+        return CPULoader(manifest, cfg, batch_size, train=train, seed=seed, num_workers=cfg.num_workers,
+                         shard_id=shard_id, num_shards=num_shards, drop_last=drop_last)
+    from avmt.data.loader_dali import DALILoader
+    from avmt.data.prepare import load_manifest
+
+    records = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        device_id = None
+        check_dali_cpu_codecs(records)
+    # DALI's own thread pool replaces the DataLoader workers: num_workers sets its size (at least one thread)
+    return DALILoader(records, cfg, batch_size, train=train, seed=seed, device_id=device_id, shard_id=shard_id,
+                      num_shards=num_shards, num_threads=max(1, cfg.num_workers), drop_last=drop_last)

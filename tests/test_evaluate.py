@@ -1,0 +1,112 @@
+"""python -m avmt.evaluate --protocol finetune: training the whole model + heads, scoring, the CLI and its errors."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from avmt.config import load_config
+from avmt.data.loader import loader_status
+from avmt.data.prepare import load_manifest
+from avmt.evaluate import EvaluationError, FinetuneSettings, finetune, labelled_split, main, score_classifiers
+from avmt.models import AVBert
+from avmt.train import synthetic_manifest, train
+
+# Few steps, no dropout and no warm-up, so that a handful of steps measurably lowers the loss.
+QUICK = FinetuneSettings(epochs=3, batch_size=2, lr=1e-3, dropout=0.0, warmup_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    os.environ["AVMT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return synthetic_manifest(load_config("tiny").data, count=12, progress=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(manifest, tmp_path_factory):
+    """A one-step pretraining run on the tiny dataset: a real checkpoint for the command line."""
+    run = tmp_path_factory.mktemp("run")
+    train(load_config("tiny", overrides=[f"data.manifest={manifest}", "data.num_workers=0", f"train.run_dir={run}",
+                                         "train.batch_size=4", "train.max_steps=1", "train.warmup_steps=1"]), progress=False)
+    return run
+
+
+def test_finetune_trains_every_part_lowers_the_loss_and_scores_both_splits(manifest):
+    cfg = load_config("tiny", overrides=[f"data.manifest={manifest}", "data.num_workers=0"])
+    records = load_manifest(manifest)
+    labels, is_test, classes = labelled_split(records, 0.3)
+    train_records = [r for r, t in zip(records, is_test.tolist()) if not t]
+    torch.manual_seed(0)
+    model = AVBert(cfg.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clfs, history = finetune(model, cfg, train_records, classes, ["audiovisual"], QUICK, torch.device("cpu"), progress=False)
+
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the caller's model is untouched
+    tuned = clfs["audiovisual"].model.state_dict()
+    for part in ("visual_cnn.", "audio_cnn.", "visual_proj.", "audio_proj.", "layers."):  # CNNs, projections, Transformers
+        changed = [k for k in before if k.startswith(part) and before[k].is_floating_point() and not torch.equal(before[k], tuned[k])]
+        assert changed, f"fine-tuning left every {part}* tensor unchanged"
+    assert len(history["audiovisual"]) == QUICK.epochs and history["audiovisual"][-1] < history["audiovisual"][0], history
+
+    scores = score_classifiers(clfs, cfg, records, 2, labels, is_test, torch.device("cpu"), progress=False)
+    s = scores["audiovisual"]
+    assert set(s) == {"train_top1", "train_top5", "test_top1", "test_top5"}
+    assert all(0 <= v <= 100 for v in s.values()) and s["train_top5"] >= s["train_top1"] and s["test_top5"] >= s["test_top1"]
+
+
+def test_finetune_is_deterministic_given_a_seed(manifest):
+    cfg = load_config("tiny", overrides=[f"data.manifest={manifest}", "data.num_workers=0"])
+    records = load_manifest(manifest)[:4]
+    settings = FinetuneSettings(epochs=1, batch_size=2, seed=7)
+
+    def head_after() -> torch.Tensor:
+        torch.manual_seed(0)
+        clfs, history = finetune(AVBert(cfg.model), cfg, records, 6, ["audio"], settings, torch.device("cpu"), progress=False)
+        return clfs["audio"].fc.weight.detach(), history["audio"]
+
+    (w1, h1), (w2, h2) = head_after(), head_after()
+    assert torch.equal(w1, w2) and h1 == h2
+
+
+def test_cli_finetune_compares_pretrained_and_random_init(run_dir, manifest, capsys):
+    rc = main(["--checkpoint", str(run_dir), "--protocol", "finetune", "--heads", "audio", "--epochs", "1", "--batch-size", "2",
+               "--compare-random", "--json", "--quiet"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["protocol"] == "finetune" and out["manifest"] == str(manifest) and out["heads"] == ["audio"]
+    assert out["settings"]["epochs"] == 1 and out["settings"]["batch_size"] == 2 and out["videos"] == 12
+    for name in ("pretrained", "random_init"):
+        s = out[name]["audio"]
+        assert set(s) == {"train_top1", "train_top5", "test_top1", "test_top5", "train_loss"} and len(s["train_loss"]) == 1
+        assert all(0 <= s[k] <= 100 for k in s if k != "train_loss")
+    assert out["pretrained"]["audio"]["train_loss"] != out["random_init"]["audio"]["train_loss"]  # two different models
+
+
+def test_bad_input_fails_clearly_before_any_work(run_dir, manifest, tmp_path, capsys):
+    def fails(args, code, message):
+        if code == 2:  # argument errors: argparse's usage + message
+            with pytest.raises(SystemExit) as e:
+                main(["--checkpoint", str(run_dir), *args] if "--checkpoint" not in args else args)
+            assert e.value.code == 2
+        else:
+            assert main(["--checkpoint", str(run_dir), *args]) == code
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    fails(["--checkpoint", str(tmp_path / "nope")], 2, "nope does not exist")
+    fails(["--checkpoint", str(tmp_path)], 2, "holds no checkpoint")
+    fails(["--protocol", "finetune", "--epochs", "0"], 2, "epochs=0 is out of range")
+    fails(["--heads", "visual,smell"], 2, "--heads 'visual,smell' is invalid")
+    fails(["--manifest", str(tmp_path / "missing.jsonl")], 2, "missing.jsonl does not exist")
+    rows = load_manifest(manifest)
+    one_class = tmp_path / "one_class.jsonl"
+    one_class.write_text("".join(json.dumps(dict(r, label_index=0)) + "\n" for r in rows))
+    fails(["--manifest", str(one_class), "--protocol", "finetune"], 1, "a single class")
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "label_index"}) + "\n" for r in rows))
+    fails(["--manifest", str(unlabelled)], 1, "have no integer label_index")
+    dali_ok, why = loader_status("cpu")["dali"]  # DALI's CPU pipeline cannot read the synthetic H.264 videos
+    fails(["--loader", "dali", "--device", "cpu"], 1, "reads only vp9, mjpeg: 12 of 12 videos are h264" if dali_ok else why)
+    with pytest.raises(EvaluationError, match="fewer than one batch of 8"):
+        cfg = load_config("tiny", overrides=[f"data.manifest={manifest}", "data.num_workers=0"])
+        finetune(AVBert(cfg.model), cfg, rows[:3], 6, ["audio"], FinetuneSettings(), torch.device("cpu"), progress=False)
