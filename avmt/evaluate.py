@@ -21,8 +21,8 @@ Protocols (``--protocol``):
 
 Both score top-1 / top-5 on both splits with logits averaged over ``--views`` views: view 0 is the
 deterministic eval view (centred window and crop), views 1.. seeded train-mode draws (random window, clip
-offsets, crop, flip). Splits: a video goes to ``test`` when a hash of its path falls in the last
-``--test-fraction`` (stable across runs and machines). ``--compare-random`` runs the same protocol on the same
+offsets, crop, flip). Splits: a video goes to ``test`` when a hash of its ``folder/file`` falls in the last
+``--test-fraction`` (stable across runs and machines, wherever the data live). ``--compare-random`` runs the same protocol on the same
 architecture at the run's random initialisation, the baseline pretraining must beat. With no ``--manifest``
 the checkpoint's own training manifest is used (for the default run: the labelled synthetic dataset).
 """
@@ -59,8 +59,10 @@ class EvaluationError(ValueError):
 
 
 def split_of(path: str, test_fraction: float) -> str:
-    """``train`` or ``test``, from a hash of the path (stable across runs, machines and manifest order)."""
-    h = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") / 2**64
+    """``train`` or ``test``, from a hash of the path's last two parts (``folder/file``): stable across runs, manifest
+    order and machines, and the same wherever the dataset lives (a hash of the absolute path moved with the folder)."""
+    key = "/".join(Path(path).parts[-2:])
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
     return "test" if h >= 1 - test_fraction else "train"
 
 

@@ -137,6 +137,8 @@ def test_linear_probe_and_split():
     paths = [f"v/{i}.mp4" for i in range(2000)]
     assert [split_of(p, 0.3) for p in paths] == [split_of(p, 0.3) for p in paths]
     assert 0.25 < sum(split_of(p, 0.3) == "test" for p in paths) / 2000 < 0.35
+    moved = [f"/elsewhere/data/{p}" for p in paths]  # the same files under another root: the same split
+    assert [split_of(p, 0.3) for p in moved] == [split_of(p, 0.3) for p in paths]
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(5, 16, generator=g) * 3
     y = torch.arange(200) % 5
