@@ -65,6 +65,15 @@ BACKWARDS: tuple[str, ...] = ("triton", "torch")
 
 
 @triton.jit
+def _block_row(table_ptr, blk):
+    """Row ``blk`` of the host-built block table: (first token, one past the segment's last token, group)."""
+    start = tl.load(table_ptr + 3 * blk)
+    end = tl.load(table_ptr + 3 * blk + 1)
+    g = tl.load(table_ptr + 3 * blk + 2)
+    return start, end, g
+
+
+@triton.jit
 def _pick(p, a, b, c):
     """The ``p``-th of three pointers (``p`` a runtime or constexpr map index)."""
     if p == 0:
@@ -124,10 +133,7 @@ def _lowrank_fwd_kernel(
     blk = tl.program_id(0)
     p = tl.program_id(1)
     DT = x_ptr.dtype.element_ty  # compute dtype; fp32 weights are cast to it on load (no per-call cast copies)
-    # block table row: [first token, one past the last token of the segment, group]
-    start = tl.load(table_ptr + 3 * blk)
-    end = tl.load(table_ptr + 3 * blk + 1)
-    g = tl.load(table_ptr + 3 * blk + 2)
+    start, end, g = _block_row(table_ptr, blk)
     v_base = _pick(p, v0, v1, v2) + g * s_vg
     r_base = _pick(p, r0, r1, r2) + g * s_rg
     u_base = _pick(p, u0, u1, u2)
@@ -193,9 +199,7 @@ def _lowrank_bwd_dx_kernel(
     blk = tl.program_id(0)
     p = tl.program_id(1)
     DT = dx_ptr.dtype.element_ty  # compute dtype (x's)
-    start = tl.load(table_ptr + 3 * blk)
-    end = tl.load(table_ptr + 3 * blk + 1)
-    g = tl.load(table_ptr + 3 * blk + 2)
+    start, end, g = _block_row(table_ptr, blk)
     r_base = _pick(p, r0, r1, r2) + g * s_rg
     u_base = _pick(p, u0, u1, u2)
     b_base = _pick(p, b0, b1, b2)
@@ -270,9 +274,7 @@ def _lowrank_bwd_dxsum_kernel(
     blk = tl.program_id(0)
     nb = tl.program_id(1)
     DT = dx_ptr.dtype.element_ty
-    start = tl.load(table_ptr + 3 * blk)
-    end = tl.load(table_ptr + 3 * blk + 1)
-    g = tl.load(table_ptr + 3 * blk + 2)
+    start, end, g = _block_row(table_ptr, blk)
     rows = start + tl.arange(0, BT)
     rmask = rows < end
     offs_o = tl.arange(0, BO)
