@@ -38,15 +38,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AVMT_CACHE", Path.home() / ".cache" / "avmt"))
 
 
-def synthetic_manifest(data: DataConfig, count: int = 120, classes: int = 6, progress: bool = True) -> Path:
+def synthetic_manifest(data: DataConfig, count: int = 120, progress: bool = True) -> Path:
     """Generate (once) and prepare the synthetic dataset that fits ``data``; returns its manifest path."""
     from avmt.data.prepare import prepare, scan_csv
     from avmt.data.synth import SYNTH_VERSION, SynthSpec, generate
 
     size = max(64, data.scale_range[1] + data.scale_range[1] % 2)  # no upscaling for the largest train scale
     spec = SynthSpec(seconds=data.window_seconds + 4, size=size, fps=max(8, int(math.ceil(data.fps))),
-                     sample_rate=data.sample_rate, num_classes=classes)
-    root = cache_dir() / f"synth{SYNTH_VERSION}-{spec.seconds:g}s-{spec.size}px-{spec.fps}fps-{spec.sample_rate}hz-{count}x{classes}"
+                     sample_rate=data.sample_rate, num_classes=6)
+    root = cache_dir() / f"synth{SYNTH_VERSION}-{spec.seconds:g}s-{spec.size}px-{spec.fps}fps-{spec.sample_rate}hz-{count}"
     manifest = root / "prepared" / "manifest.jsonl"
     if not manifest.exists():
         generate(root / "videos", count, spec, workers=os.cpu_count() or 1, progress=progress)
@@ -66,6 +66,11 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 def build_optimizer(params: Iterable[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
     """The paper's optimizer (SPEC §6): AdamW, with AMSGrad when ``train.amsgrad`` (then 3 state buffers per parameter)."""
     return torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
+
+
+def use_bf16(tc: TrainConfig, device: torch.device) -> bool:
+    """Whether a training step runs under bf16 autocast: ``train.precision=bf16``, or ``auto`` on a CUDA device."""
+    return tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
@@ -125,7 +130,7 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
     opt = build_optimizer(pre.parameters(), tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)  # masks, swaps, negative-sampling seeds
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    bf16 = use_bf16(tc, device)
 
     # -- resume -----------------------------------------------------------------------------------------------------
     step, epoch, batch_in_epoch, nonfinite_total = 0, 0, 0, 0
