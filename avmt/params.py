@@ -26,19 +26,25 @@ FP32_BYTES = 4
 PARTS = ("transformer", "cnn", "projection", "embedding")
 
 
-def count_parts(model: AVBert) -> dict[str, int]:
-    """Trainable parameters per part of the model (each shared tensor counted once) and their total."""
-    counts: dict[str, int] = {}
+def part_parameters(model: AVBert) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters per part of ``model.parts()``, each shared tensor once (in the first part holding it)."""
+    out: dict[str, list[nn.Parameter]] = {}
     seen: set[int] = set()
     for part, members in model.parts().items():
         params: list[nn.Parameter] = []
         for member in members:
             params.extend([member] if isinstance(member, nn.Parameter) else member.parameters())
-        counts[part] = 0
+        out[part] = []
         for p in params:
             if id(p) not in seen and p.requires_grad:
                 seen.add(id(p))
-                counts[part] += p.numel()
+                out[part].append(p)
+    return out
+
+
+def count_parts(model: AVBert) -> dict[str, int]:
+    """Trainable parameters per part of the model (each shared tensor counted once) and their total."""
+    counts = {part: sum(p.numel() for p in ps) for part, ps in part_parameters(model).items()}
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if total != sum(counts.values()):
         raise AssertionError(f"model.parts() misses parameters: parts sum to {sum(counts.values())}, model has {total}")

@@ -14,12 +14,13 @@ import os
 import pytest
 import torch
 
+from avmt.bench import random_clips
 from avmt.bench.search import largest_fitting_batch, training_step_fits
 from avmt.config import SHARING_SCHEMES, load_config
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
 from avmt.params import count_parts
-from avmt.train import build_optimizer
+from avmt.train import build_optimizer, use_bf16
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = {  # preset: (batch, rounds) in full mode
@@ -46,9 +47,8 @@ def test_train_step(benchmark, full, preset, scheme):
     pre.train()
     opt = build_optimizer(pre.parameters(), cfg.train)
     gen = torch.Generator().manual_seed(0)
-    video = torch.randn(batch, d.num_clips, 3, d.frames, d.crop_size, d.crop_size, device=DEVICE)
-    audio = torch.randn(batch, d.num_clips, 1, d.n_mels, d.mel_frames, device=DEVICE)
-    bf16 = DEVICE == "cuda" and cfg.train.precision in ("auto", "bf16")
+    video, audio = random_clips(d, batch, DEVICE)
+    bf16 = use_bf16(cfg.train, torch.device(DEVICE))
     losses: list[float] = []
 
     def step() -> None:
@@ -82,7 +82,7 @@ def test_largest_batch(benchmark, scheme, summary_line):
     best, trials = benchmark.pedantic(lambda: largest_fitting_batch(lambda b: training_step_fits(cfg, b), start=4, limit=4096),
                                       rounds=1, iterations=1)
     assert best >= 1, f"not even batch 1 fits: {trials}"
-    assert (best, True) in trials and all(not ok for b, ok in trials if b > best)
+    assert training_step_fits(cfg, best), f"batch {best} fitted during the search but not when run again: {trials}"
     summary_line(f"largest batch, paper preset, T=15, sharing={scheme}: {best} ({torch.cuda.get_device_name()}; tries {trials})")
     benchmark.extra_info.update(kind="largest_batch", preset="paper", sharing=scheme, clips=15, largest_batch=best, trials=trials,
                                 device=torch.cuda.get_device_name(), memory_bytes=torch.cuda.get_device_properties(0).total_memory)

@@ -84,7 +84,8 @@ def _memory(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({s: r.to_dict() for s, r in rows.items()}, indent=1))
         return 0
-    mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
+    from avmt.bench.report import mib
+
     first = next(iter(rows.values()))
     print(f"avmt step memory: preset={cfg.preset} scope={args.scope} mode={args.mode} batch={first.batch} T={first.clips} "
           f"D={first.dim} L={first.layers} {first.precision}   (MiB)")

@@ -33,19 +33,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from avmt.bench import random_clips
 from avmt.config import Config
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
-from avmt.params import count_parts
+from avmt.params import PARTS as MODEL_PARTS
+from avmt.params import part_parameters
 from avmt.train import build_optimizer
 
-PARTS = ("transformer", "cnn", "projection", "embedding", "heads")
+PARTS = (*MODEL_PARTS, "heads")
 SCOPES = ("transformer", "model", "pretraining")
 MODES = ("real", "fake")
 PRECISIONS = ("fp32", "bf16")
@@ -168,7 +170,6 @@ class StepMemory:
     inputs: int  # the batch (clips, or clip tokens for the transformer scope)
     peak_allocated: int | None = None  # CUDA: allocator peak (all tensors) during a second, steady-state step
     seconds: float = 0.0  # wall time of the measurement (fake mode: shape propagation only)
-    derived: dict[str, Any] = field(default_factory=dict)
 
     def train_state(self, part: str) -> int:
         """weights + gradients + optimizer buffers of one part."""
@@ -196,14 +197,10 @@ class StepMemory:
 
 
 def _part_params(model: AVBert, pre: Pretraining | None) -> dict[str, list[nn.Parameter]]:
-    out: dict[str, list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for part, members in model.parts().items():
-        ps: list[nn.Parameter] = []
-        for m in members:
-            ps.extend([m] if isinstance(m, nn.Parameter) else m.parameters())
-        out[part] = [p for p in ps if id(p) not in seen and not seen.add(id(p))]  # type: ignore[func-returns-value]
-    out["heads"] = [p for p in (pre.parameters() if pre is not None else []) if id(p) not in seen and not seen.add(id(p))]  # type: ignore[func-returns-value]
+    """:func:`avmt.params.part_parameters`, plus ``heads``: the objectives' own parameters (MEP/CPP heads, mask tokens)."""
+    out = part_parameters(model)
+    seen = {id(p) for ps in out.values() for p in ps}
+    out["heads"] = [p for p in (pre.parameters() if pre is not None else []) if p.requires_grad and id(p) not in seen]
     return out
 
 
@@ -235,8 +232,7 @@ def measure_step(
         raise ValueError("mode='fake' propagates CPU tensors; use mode='real' on a GPU")
     t = clips if clips is not None else cfg.data.num_clips
     d = cfg.data
-    kernel_cfg = cfg.model
-    if mode == "fake" and kernel_cfg.kernel == "triton":
+    if mode == "fake" and cfg.model.kernel == "triton":
         raise ValueError("model.kernel='triton' cannot run on fake tensors")
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -246,7 +242,7 @@ def measure_step(
     with ctx:
         torch.manual_seed(seed)
         with device:
-            model = AVBert(kernel_cfg)
+            model = AVBert(cfg.model)
             pre = Pretraining(model, cfg.objective) if scope == "pretraining" else None
         module = pre if pre is not None else model
         module.train()
@@ -257,10 +253,7 @@ def measure_step(
             dim = cfg.model.dim
             inputs = [torch.randn(batch, t, dim, device=device, requires_grad=True) for _ in range(2)]
         else:
-            inputs = [
-                torch.randn(batch, t, 3, d.frames, d.crop_size, d.crop_size, device=device),
-                torch.randn(batch, t, 1, d.n_mels, d.mel_frames, device=device),
-            ]
+            inputs = list(random_clips(d, batch, device, t))
         gen = torch.Generator().manual_seed(seed)
 
         def step(counter: SavedTensorCounter | None) -> None:
@@ -308,9 +301,7 @@ def measure_step(
                 steps += s
             optimizer[k] = _unique_bytes(bufs, seen_o)
         step_bytes = _unique_bytes(steps, seen_o)
-        counts = count_parts(model)
-        counts["heads"] = sum(p.numel() for p in parts.get("heads", []))
-        params = {k: counts[k] for k in in_scope}
+        params = {k: sum(p.numel() for p in parts.get(k, [])) for k in in_scope}
         input_bytes = _unique_bytes(inputs, set())
 
         peak = None

@@ -98,7 +98,8 @@ def _latest(records: list[Record], key) -> dict[Any, Record]:
     return out
 
 
-def _mib(n: float | None) -> str:
+def mib(n: float | None) -> str:
+    """Bytes as MiB with one decimal and thousands separators; ``-`` for a missing value."""
     return "-" if n is None else f"{n / MiB:,.1f}"
 
 
@@ -128,9 +129,9 @@ def _mem_component(info: dict[str, Any], comp: str, parts: tuple[str, ...] | Non
     return int(sum(v for k, v in d.items() if parts is None or k in parts))
 
 
-def transformer_ratio(res: Results) -> dict[str, Any] | None:
-    """The headline: weights + gradients + AdamW state of the Transformer part, none / lowrank, paper preset."""
-    mem = memory_records(res)
+def transformer_ratio(mem: dict[tuple, Any]) -> dict[str, Any] | None:
+    """The headline from :func:`memory_records`: weights + gradients + AdamW state of the Transformer part, none / lowrank,
+    paper preset."""
     pick = {}
     for k, r in mem.items():
         scope, mode, precision, preset, variant, sharing = k[:6]
@@ -138,7 +139,7 @@ def transformer_ratio(res: Results) -> dict[str, Any] | None:
             pick.setdefault(sharing, r)
     if "none" not in pick or "lowrank" not in pick:
         return None
-    state = {s: sum(_mem_component(r.info, c, ("transformer",)) for c in ("weights", "grads", "optimizer")) for s, r in pick.items()}
+    state = {s: r.info["transformer_train_state"] for s, r in pick.items()}
     return {"none_bytes": state["none"], "lowrank_bytes": state["lowrank"], "ratio": state["none"] / state["lowrank"],
             "param_ratio": pick["none"].info["params"]["transformer"] / pick["lowrank"].info["params"]["transformer"],
             "state": state}
@@ -158,10 +159,10 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
         "weights + gradients + optimizer + weight copies + activations + inputs: an estimate of the peak without temporaries.",
         "",
     ]
-    ratio = transformer_ratio(res)
+    ratio = transformer_ratio(mem)
     if ratio:
-        md += [f"**Transformer part, paper preset: weights + gradients + AdamW state {_mib(ratio['none_bytes'])} MiB (`none`) vs "
-               f"{_mib(ratio['lowrank_bytes'])} MiB (`lowrank`): {ratio['ratio']:.1f}× smaller** (parameter ratio {ratio['param_ratio']:.1f}×).", ""]
+        md += [f"**Transformer part, paper preset: weights + gradients + AdamW state {mib(ratio['none_bytes'])} MiB (`none`) vs "
+               f"{mib(ratio['lowrank_bytes'])} MiB (`lowrank`): {ratio['ratio']:.1f}× smaller** (parameter ratio {ratio['param_ratio']:.1f}×).", ""]
 
     def shapes(scope: str, preset: str, variant: str, precision: str) -> list[tuple[int, int]]:
         """The (batch, clips) measured for this case, largest batch first."""
@@ -193,18 +194,17 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
                 copies = any(r.info.get("weight_copies") for r in rows.values())
                 head = ["scheme", "Transformer params", "weights MiB", "gradients MiB", "AdamW MiB", "Transformer w+g+opt MiB",
                         "vs none", "activations MiB", "(CNN / Transformer / heads)", *(["bf16 weight copies MiB"] if copies else []), "total MiB"]
-                base = rows.get("none")
+                bstate = rows["none"].info["transformer_train_state"] if "none" in rows else None
                 table = []
                 for s, r in rows.items():
                     i = r.info
-                    tstate = sum(_mem_component(i, c, ("transformer",)) for c in ("weights", "grads", "optimizer"))
-                    bstate = sum(_mem_component(base.info, c, ("transformer",)) for c in ("weights", "grads", "optimizer")) if base else None
-                    split = " / ".join(_mib(i["activations"].get(p, 0)) for p in ("cnn", "transformer", "heads") if p in i["activations"])
-                    peak = f" (GPU peak {_mib(i['peak_allocated'])})" if i.get("peak_allocated") else ""
-                    table.append([f"`{s}`", f"{i['params']['transformer']:,}", _mib(_mem_component(i, "weights", parts)),
-                                  _mib(_mem_component(i, "grads", parts)), _mib(_mem_component(i, "optimizer", parts)), _mib(tstate),
-                                  f"{bstate / tstate:.1f}× smaller" if bstate and s != "none" else "-", _mib(_mem_component(i, "activations")),
-                                  split, *([_mib(i.get("weight_copies", 0))] if copies else []), _mib(i["estimated_peak"]) + peak])
+                    tstate = i["transformer_train_state"]
+                    split = " / ".join(mib(i["activations"].get(p, 0)) for p in ("cnn", "transformer", "heads") if p in i["activations"])
+                    peak = f" (GPU peak {mib(i['peak_allocated'])})" if i.get("peak_allocated") else ""
+                    table.append([f"`{s}`", f"{i['params']['transformer']:,}", mib(_mem_component(i, "weights", parts)),
+                                  mib(_mem_component(i, "grads", parts)), mib(_mem_component(i, "optimizer", parts)), mib(tstate),
+                                  f"{bstate / tstate:.1f}× smaller" if bstate and s != "none" else "-", mib(_mem_component(i, "activations")),
+                                  split, *([mib(i.get("weight_copies", 0))] if copies else []), mib(i["estimated_peak"]) + peak])
                 md += [_table(head, table), ""]
                 if plots:
                     name = f"memory_{scope}_{preset}_b{shape[0]}_t{shape[1]}_{precision}.png"
@@ -231,8 +231,8 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
                 if r is None:
                     cells.append("-")
                     continue
-                tstate = sum(_mem_component(r.info, c, ("transformer",)) for c in ("weights", "grads", "optimizer"))
-                cells.append(f"{_mib(tstate)} / {_mib(_mem_component(r.info, 'activations'))} / {_mib(r.info['estimated_peak'])}")
+                tstate = r.info["transformer_train_state"]
+                cells.append(f"{mib(tstate)} / {mib(_mem_component(r.info, 'activations'))} / {mib(r.info['estimated_peak'])}")
                 sweep[(v, s)] = (first, tstate, _mem_component(r.info, "activations"), r.info["estimated_peak"])
             table.append([v, f"D={first['dim']} L={first['layers']} T={first['clips']}", *cells])
         md += [_table(["variant", "shape", *[f"`{s}`" for s in cols]], table), ""]
@@ -421,7 +421,7 @@ def _sampling_section(res: Results) -> list[str]:
                    lambda r: (r.info["backend"], r.info["np"], r.info.get("device")))
     for (backend, np_, device), r in sorted(recs.items(), key=lambda kv: (str(kv[0][2]), kv[0][0], kv[0][1])):
         rows.append([backend, f"{np_:,}", str(r.info.get("na", "")), f"{r.stats.get('median', float('nan')) * 1e3:,.2f}",
-                     f"{r.stats.get('min', float('nan')) * 1e3:,.2f}", _mib(r.info.get("peak_extra_bytes")), str(device),
+                     f"{r.stats.get('min', float('nan')) * 1e3:,.2f}", mib(r.info.get("peak_extra_bytes")), str(device),
                      f"{Path(r.source).name} ({r.meta.get('mode', '?')})"])
     if not rows:
         return md + ["No sampling results.", ""]
@@ -443,7 +443,7 @@ def _largest_batch_section(res: Results) -> list[str]:
     recs = _latest([r for r in res.records if r.info.get("kind") == "largest_batch"], lambda r: (r.info["sharing"], r.info["device"]))
     if not recs:
         return md + ["No GPU results yet: `test_bench_step.py::test_largest_batch` runs on a CUDA device only.", ""]
-    rows = [[f"`{s}`", dev, str(r.info["largest_batch"]), _mib(r.info.get("memory_bytes")), str(len(r.info.get("trials", [])))]
+    rows = [[f"`{s}`", dev, str(r.info["largest_batch"]), mib(r.info.get("memory_bytes")), str(len(r.info.get("trials", [])))]
             for (s, dev), r in sorted(recs.items(), key=lambda kv: _scheme_order(kv[0][0]))]
     return md + [_table(["scheme", "device", "largest batch", "device MiB", "tries"], rows), ""]
 

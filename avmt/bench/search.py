@@ -57,23 +57,22 @@ def largest_fitting_batch(fits: Callable[[int], bool], start: int = 1, limit: in
     return lo, trials
 
 
-def training_step_fits(cfg: Config, batch: int, device: str | torch.device = "cuda", clips: int | None = None) -> bool:
+def training_step_fits(cfg: Config, batch: int, device: str | torch.device = "cuda") -> bool:
     """True if one training step of ``batch`` sequences runs on ``device`` (CUDA) without running out of memory.
 
-    The step is the one ``avmt.train`` runs: ``Pretraining`` forward under bf16 autocast (``train.precision``
-    auto/bf16) or fp32, backward, then ``AdamW.step()`` (which allocates the optimizer state). Everything is
+    The step is the one ``avmt.train`` runs: ``Pretraining`` forward under bf16 autocast when ``avmt.train`` would
+    use it (:func:`avmt.train.use_bf16`), backward, then ``AdamW.step()`` (which allocates the optimizer state). Everything is
     freed before returning, OOM or not.
     """
+    from avmt.bench import random_clips
     from avmt.models import AVBert
     from avmt.objectives import Pretraining
-    from avmt.train import build_optimizer
+    from avmt.train import build_optimizer, use_bf16
 
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError("training_step_fits measures a CUDA device's memory; got " + str(device))
-    t = clips if clips is not None else cfg.data.num_clips
-    d = cfg.data
-    bf16 = cfg.train.precision in ("auto", "bf16")
+    bf16 = use_bf16(cfg.train, device)
 
     def step() -> None:  # every tensor it makes is a local, freed when it returns or raises
         torch.manual_seed(0)
@@ -81,8 +80,7 @@ def training_step_fits(cfg: Config, batch: int, device: str | torch.device = "cu
             model = AVBert(cfg.model)
             pre = Pretraining(model, cfg.objective)
         opt = build_optimizer(pre.parameters(), cfg.train)
-        video = torch.randn(batch, t, 3, d.frames, d.crop_size, d.crop_size, device=device)
-        audio = torch.randn(batch, t, 1, d.n_mels, d.mel_frames, device=device)
+        video, audio = random_clips(cfg.data, batch, device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = pre(video, audio, generator=torch.Generator().manual_seed(0)).loss
         loss.backward()
