@@ -25,6 +25,10 @@ offsets, crop, flip). Splits: a video goes to ``test`` when a hash of its ``fold
 ``--test-fraction`` (stable across runs and machines, wherever the data live). ``--compare-random`` runs the same protocol on the same
 architecture at the run's random initialisation, the baseline pretraining must beat. With no ``--manifest``
 the checkpoint's own training manifest is used (for the default run: the labelled synthetic dataset).
+
+The pretrained checkpoint's own CPP head is also scored, in eval mode (no masking, no dropout), on every video
+of the manifest and its ``--views``: each video with its own audio and with the audio of another video (a
+seeded derangement), reported per kind of pair (``pretrained_cpp`` in ``--json``).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from avmt.checkpoint import latest_checkpoint, load_checkpoint
 from avmt.config import Config, ConfigError, config_from_dict
 from avmt.models import AVBert
 from avmt.models.avbert import AVBertOutput
-from avmt.objectives import Pretraining
+from avmt.objectives import Pretraining, swap_permutation
 
 HEADS = ("visual", "audio", "audiovisual")
 PROTOCOLS = ("linear", "finetune")
@@ -172,6 +176,40 @@ def evaluate(model: AVBert, cfg: Config, records: Sequence[dict], views: int, te
     labels, is_test, classes = labelled_split(records, test_fraction)
     feats = extract_features(model, cfg, records, views, progress=progress, device=device)
     return {h: linear_probe(f[:, ~is_test], labels[~is_test], f[:, is_test], labels[is_test], classes) for h, f in feats.items()}
+
+
+@torch.no_grad()
+def pair_accuracy(pre: Pretraining, cfg: Config, records: Sequence[dict], labels: Tensor, views: int, seed: int = 0,
+                  batch_size: int = 8, progress: bool = True, device: torch.device | None = None) -> dict[str, float]:
+    """Correct pair prediction in eval mode (no masking, no dropout) on every video of ``records``.
+
+    Each video is scored twice per view: with its own audio and with the audio of the video a seeded
+    derangement gives it, so half the pairs are swapped. ``labels [N]`` split the swapped pairs into those from
+    another class and those from the same class (which nothing but instance cues, e.g. event timing, can tell
+    apart). Returns fractions in [0, 1]: ``accuracy`` over all pairs, ``matched``, ``swapped_other_class``,
+    ``swapped_same_class`` (NaN when there is none), and ``same_class_share`` of the swapped pairs."""
+    device = device or torch.device("cpu")
+    model = pre.model
+    was_training = pre.training
+    pre.eval().to(device)
+    tokens = over_views(lambda b: {"visual": model.embed_visual(b["video"])[1], "audio": model.embed_audio(b["audio"])[1]},
+                        cfg, records, views, device, batch_size=batch_size, progress=progress, desc="pairs")
+    n = labels.numel()
+    perm = swap_permutation(n, 1.0, torch.Generator().manual_seed(seed))  # one random cycle: nobody keeps its audio
+    same = labels[perm] == labels
+    matched_ok, swapped_ok = [], []
+    for v in range(views):
+        vis, aud = tokens["visual"][v], tokens["audio"][v]
+        for audio_rows, out in ((torch.arange(n), matched_ok), (perm, swapped_ok)):
+            logits = torch.cat([pre.cpp_logits(model.encode(vis[i : i + batch_size].to(device), aud[audio_rows[i : i + batch_size]].to(device))).cpu()
+                                for i in range(0, n, batch_size)])
+            out.append(logits > 0 if out is matched_ok else logits <= 0)
+    pre.train(was_training)
+    m, s = torch.stack(matched_ok).float(), torch.stack(swapped_ok).float()  # [V, N]
+    return {"pairs": 2 * n * views, "accuracy": float(torch.cat([m, s]).mean()), "matched": float(m.mean()),
+            "swapped_other_class": float(s[:, ~same].mean()) if (~same).any() else float("nan"),
+            "swapped_same_class": float(s[:, same].mean()) if same.any() else float("nan"),
+            "same_class_share": float(same.float().mean())}
 
 
 # -- fine-tuning --------------------------------------------------------------------------------------------------
@@ -381,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         pretrained = Pretraining(AVBert(cfg.model), cfg.objective)
         load_checkpoint(ckpt, pretrained)
         results["pretrained"] = run(pretrained.model)
+        if cfg.objective.cpp > 0:  # the pretraining task itself, as a check of the checkpoint
+            labels, _, _ = labelled_split(records, args.test_fraction)
+            results["pretrained_cpp"] = pair_accuracy(pretrained, cfg, records, labels, args.views, progress=not args.quiet, device=device)
         if args.compare_random:
             torch.manual_seed(cfg.train.seed)  # the initialisation the run started from
             results["random_init"] = run(AVBert(cfg.model))
@@ -395,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
             for head, s in results.get(name, {}).items():
                 print(f"{name:12s} {head:12s} test top-1 {s['test_top1']:5.1f}  top-5 {s['test_top5']:5.1f}   "
                       f"train top-1 {s['train_top1']:5.1f}  top-5 {s['train_top5']:5.1f}")
+        if "pretrained_cpp" in results:
+            c = results["pretrained_cpp"]
+            print(f"pretrained   CPP (eval mode, all {results['videos']} videos, {c['pairs']} pairs): accuracy {c['accuracy']:.3f}; "
+                  f"matched {c['matched']:.3f}, swapped from another class {c['swapped_other_class']:.3f}, "
+                  f"from the same class {c['swapped_same_class']:.3f} ({100 * c['same_class_share']:.0f}% of swaps)")
     return 0
 
 

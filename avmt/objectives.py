@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avmt.config import ObjectiveConfig
-from avmt.models import AVBert
+from avmt.models import AVBert, EncoderOutput
 from avmt.sampling import sample_negatives
 
 
@@ -178,6 +178,15 @@ class Pretraining(nn.Module):
         acc = (logits.argmax(1) == 0).float().mean()
         return loss, acc
 
+    def cpp_logits(self, enc: EncoderOutput) -> Tensor:
+        """CPP logits ``[B]`` float32 (> 0: the audio sequence is the visual one's) from ``model.encode``'s output."""
+        if self.cpp_input == "multimodal":
+            t = (enc.multimodal.shape[1] - 2) // 2  # [BOS_v, T visual, BOS_a, T audio]
+            bos = torch.cat([enc.multimodal[:, 0], enc.multimodal[:, 1 + t]], dim=1)
+        else:
+            bos = torch.cat([enc.visual[:, 0], enc.audio[:, 0]], dim=1)
+        return self.cpp_head(bos).squeeze(1).float()
+
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, video: Tensor, audio: Tensor, clip_mask: Tensor | None = None, generator: torch.Generator | None = None) -> PretrainingOutput:
         model, cfg = self.model, self.cfg
@@ -228,11 +237,7 @@ class Pretraining(nn.Module):
             metrics["mep_multimodal_acc"] = sum(a * n for a, n in zip(mm_accs, mm_counts)) / sum(mm_counts)
             total = total + weights["multimodal"] * loss
 
-        if self.cpp_input == "multimodal":
-            bos = torch.cat([enc.multimodal[:, 0], enc.multimodal[:, 1 + t]], dim=1)
-        else:
-            bos = torch.cat([enc.visual[:, 0], enc.audio[:, 0]], dim=1)
-        logit = self.cpp_head(bos).squeeze(1).float()
+        logit = self.cpp_logits(enc)
         label = matched.float()
         cpp_loss = F.binary_cross_entropy_with_logits(logit, label)
         metrics["cpp_loss"] = cpp_loss.detach()

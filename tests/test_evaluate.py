@@ -9,8 +9,10 @@ import torch
 from avmt.config import load_config
 from avmt.data.loader import loader_status
 from avmt.data.prepare import load_manifest
-from avmt.evaluate import EvaluationError, FinetuneSettings, finetune, labelled_split, main, score_classifiers
-from avmt.models import AVBert
+import avmt.evaluate
+from avmt.evaluate import EvaluationError, FinetuneSettings, finetune, labelled_split, main, pair_accuracy, score_classifiers
+from avmt.models import AVBert, EncoderOutput
+from avmt.objectives import Pretraining, swap_permutation
 from avmt.train import synthetic_manifest, train
 
 # Few steps, no dropout and no warm-up, so that a handful of steps measurably lowers the loss.
@@ -67,6 +69,30 @@ def test_finetune_is_deterministic_given_a_seed(manifest):
 
     (w1, h1), (w2, h2) = head_after(), head_after()
     assert torch.equal(w1, w2) and h1 == h2
+
+
+@pytest.mark.parametrize("code", ["video", "class"])
+def test_pair_accuracy_pairs_each_video_with_its_own_and_a_swapped_audio(manifest, monkeypatch, code):
+    """An oracle CPP head that sees which video (or only which class) each token came from: the video oracle is
+    right on every pair; the class oracle misses exactly the swaps within a class."""
+    cfg = load_config("tiny", overrides=[f"data.manifest={manifest}"])
+    records = load_manifest(manifest)
+    labels, _, _ = labelled_split(records, 0.3)
+    n, views = len(records), 2
+    ids = (torch.arange(n) if code == "video" else labels).float()
+    tokens = ids[None, :, None, None].expand(views, n, 4, 1)  # [V, N, T, 1]: every token carries its code
+    monkeypatch.setattr(avmt.evaluate, "over_views", lambda fn, cfg, records, views, *a, **k: {"visual": tokens, "audio": tokens})
+    pre = Pretraining(AVBert(cfg.model), cfg.objective)
+    pre.model.encode = lambda vis, aud: EncoderOutput(None, None, torch.cat([vis, aud], 1))
+    pre.cpp_logits = lambda enc: torch.where(enc.multimodal[:, 0, 0] == enc.multimodal[:, 4, 0], 1.0, -1.0)
+    r = pair_accuracy(pre, cfg, records, labels, views, seed=3, progress=False)
+
+    perm = swap_permutation(n, 1.0, torch.Generator().manual_seed(3))
+    share = float((labels[perm] == labels).float().mean())
+    assert r["pairs"] == 2 * n * views and r["same_class_share"] == pytest.approx(share) and 0 < share < 1
+    assert r["matched"] == 1.0 and r["swapped_other_class"] == 1.0
+    assert r["swapped_same_class"] == (1.0 if code == "video" else 0.0)
+    assert r["accuracy"] == pytest.approx(1.0 if code == "video" else 1 - share / 2)
 
 
 def test_cli_finetune_compares_pretrained_and_random_init(run_dir, manifest, capsys):
