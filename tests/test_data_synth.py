@@ -21,7 +21,7 @@ def test_render_is_seeded_and_events_are_audio_visual():
         flashing[f : f + 2] = True
     assert (white[~flashing] == 0).all()
     # Right after an event the audio is loud and its spectral peak sits on a harmonic of the class pitch.
-    sr, pitch = spec.sample_rate, class_sound(1)[0]
+    sr, pitch = spec.sample_rate, class_sound(1, spec.num_classes)[0]
     on_pitch = []
     for t in meta["events"]:
         seg = audio[int(t * sr) : int(t * sr) + 800]
@@ -32,6 +32,12 @@ def test_render_is_seeded_and_events_are_audio_visual():
         peak = np.fft.rfftfreq(len(seg), 1 / sr)[np.argmax(spectrum)]
         on_pitch.append(min(abs(peak - h * pitch) for h in range(1, 5)) < 25)
     assert on_pitch and np.mean(on_pitch) >= 0.75  # a distractor beep may overlap an event now and then
+
+
+def test_every_class_has_its_own_pitch():
+    for classes in (2, 8, 12, 48):
+        pitches = [class_sound(c, classes)[0] for c in range(classes)]
+        assert len(set(pitches)) == classes and min(pitches) == 220.0 and max(pitches) < 220.0 * 16
 
 
 def test_only_the_target_carries_the_class_colour():

@@ -1,13 +1,14 @@
 """A synthetic audio-visual dataset with real audio-visual correspondence.
 
-``python -m avmt.data.synth --out DIR [--count 60 --classes 6 --seconds 40 --size 128 --fps 16
+``python -m avmt.data.synth --out DIR [--count 60 --classes 8 --seconds 40 --size 128 --fps 16
 --sample-rate 44100 --format mp4|webm --seed 0 --workers 2]``
 
 Each video shows a *target* shape that moves and bounces off the frame borders; at every bounce it
 flashes white and a sound event plays. The class fixes the target's colour (a saturated hue per class)
-and shape (disk, square, diamond, ring), and the pitch and timbre (harmonic weights) of the event; some
-classes share a shape or a pitch. Distractors: a second, smaller, silent grey shape moving independently
-(its grey level changes every frame), a background whose tint flickers every frame, background noise and
+and shape (disk, square, diamond, ring), and the pitch and timbre (harmonic weights) of the event; every
+class has its own hue and pitch (pitches up to 48 classes), shapes and timbres repeat. Distractors: a second,
+smaller, silent grey shape moving independently (its grey level changes every frame), a background whose
+tint flickers faintly every frame, background noise and
 random "off-screen" beeps at times unrelated to any bounce. Nothing but the target and the distractor's
 shape and path is constant over a video, so what its clips have in common is the class-linked content.
 
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 # Bumped whenever render() changes what it draws, so caches of older datasets are not reused.
-SYNTH_VERSION = 2
+SYNTH_VERSION = 3
 SHAPES = ("disk", "square", "diamond", "ring")
 BASE_PITCHES = (220.0, 330.0, 494.0, 659.0, 880.0)
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
@@ -44,7 +45,7 @@ class SynthSpec:
     size: int = 128  # frames are size x size (must be even for yuv420p)
     fps: int = 16
     sample_rate: int = 44100
-    num_classes: int = 6
+    num_classes: int = 8
     format: str = "mp4"  # mp4: H.264 + AAC; webm: VP9 + Opus
     seed: int = 0
 
@@ -61,11 +62,13 @@ def class_name(label: int) -> str:
     return f"class{label:02d}_{SHAPES[label % len(SHAPES)]}"
 
 
-def class_sound(label: int) -> tuple[float, np.ndarray]:
-    """(pitch in Hz, weights of harmonics 1..4) of a class's sound event."""
-    pitch = BASE_PITCHES[(label // 2 + label) % len(BASE_PITCHES)]
+def class_sound(label: int, num_classes: int) -> tuple[float, np.ndarray]:
+    """(pitch in Hz, weights of harmonics 1..4) of a class's sound event: pitches spread evenly over four
+    octaves above 220 Hz (every class its own pitch up to 48 classes), four timbres in turn."""
+    step = max(1, 48 // num_classes)  # semitones between neighbouring classes
+    pitch = 220.0 * 2 ** (step * (label % num_classes % 48) / 12)
     timbres = np.array([[1.0, 0.0, 0.0, 0.0], [0.6, 0.4, 0.3, 0.0], [0.5, 0.0, 0.35, 0.25], [0.4, 0.5, 0.0, 0.4]])
-    return pitch, timbres[(label * 3 + 1) % len(timbres)]
+    return pitch, timbres[label % len(timbres)]
 
 
 def class_color(label: int, num_classes: int) -> np.ndarray:
@@ -130,7 +133,7 @@ def render(index: int, label: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndar
         flashing[b : b + flash_len] = True
     kind = SHAPES[label % len(SHAPES)]
     for i in range(n):
-        img = 40.0 + rng.normal(0, 8, 3).astype(np.float32)  # background: a random tint every frame (flicker)
+        img = 40.0 + rng.normal(0, 2, 3).astype(np.float32)  # background: a faint random tint every frame (flicker)
         img = np.broadcast_to(img, (s, s, 3)).copy()
         img[_shape_mask(distractor_kind, yy, xx, *distractor[i], d_r)] = d_levels[i]
         img[_shape_mask(kind, yy, xx, *target[i], r)] = 255.0 if flashing[i] else color
@@ -138,11 +141,12 @@ def render(index: int, label: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndar
 
     sr = spec.sample_rate
     audio = rng.normal(0, 0.02, int(round(spec.seconds * sr))).astype(np.float32)  # background noise
-    pitch, harmonics = class_sound(label)
+    pitch, harmonics = class_sound(label, spec.num_classes)
     ev_len = int(0.25 * sr)
     t = np.arange(ev_len) / sr
     env = np.exp(-t * 14.0)
-    event = sum(w * np.sin(2 * np.pi * pitch * (h + 1) * t) for h, w in enumerate(harmonics) if w) * env
+    # harmonics at or above Nyquist would fold back as other pitches: leave them out
+    event = sum(w * np.sin(2 * np.pi * pitch * (h + 1) * t) for h, w in enumerate(harmonics) if w and pitch * (h + 1) < sr / 2) * env
     event_times = [b / spec.fps for b in bounces]
     for et in event_times:
         a = int(et * sr)
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m avmt.data.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--count", type=int, default=60)
-    p.add_argument("--classes", type=int, default=6)
+    p.add_argument("--classes", type=int, default=8)
     p.add_argument("--seconds", type=float, default=40.0, help="duration (default 40 s: longer than the paper's 30 s window)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--fps", type=int, default=16)
