@@ -33,7 +33,6 @@ import numpy as np
 # Bumped whenever render() changes what it draws, so caches of older datasets are not reused.
 SYNTH_VERSION = 3
 SHAPES = ("disk", "square", "diamond", "ring")
-BASE_PITCHES = (220.0, 330.0, 494.0, 659.0, 880.0)
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
