@@ -26,9 +26,10 @@ offsets, crop, flip). Splits: a video goes to ``test`` when a hash of its ``fold
 architecture at the run's random initialisation, the baseline pretraining must beat. With no ``--manifest``
 the checkpoint's own training manifest is used (for the default run: the labelled synthetic dataset).
 
-The pretrained checkpoint's own CPP head is also scored, in eval mode (no masking, no dropout), on every video
-of the manifest and its ``--views``: each video with its own audio and with the audio of another video (a
-seeded derangement), reported per kind of pair (``pretrained_cpp`` in ``--json``).
+The pretrained checkpoint's own CPP head is also scored, in eval mode (no dropout), on every video of the
+manifest and its ``--views``: each video with its own audio and with the audio of another video (a seeded
+derangement), reported per kind of pair, once on masked input as in pretraining and once unmasked
+(``pretrained_cpp`` in ``--json``).
 """
 
 from __future__ import annotations
@@ -180,14 +181,16 @@ def evaluate(model: AVBert, cfg: Config, records: Sequence[dict], views: int, te
 
 @torch.no_grad()
 def pair_accuracy(pre: Pretraining, cfg: Config, records: Sequence[dict], labels: Tensor, views: int, seed: int = 0,
-                  batch_size: int = 8, progress: bool = True, device: torch.device | None = None) -> dict[str, float]:
-    """Correct pair prediction in eval mode (no masking, no dropout) on every video of ``records``.
+                  batch_size: int = 8, progress: bool = True, device: torch.device | None = None) -> dict[str, dict[str, float]]:
+    """Correct pair prediction of ``pre``'s CPP head in eval mode (no dropout) on every video of ``records``.
 
-    Each video is scored twice per view: with its own audio and with the audio of the video a seeded
-    derangement gives it, so half the pairs are swapped. ``labels [N]`` split the swapped pairs into those from
-    another class and those from the same class (which nothing but instance cues, e.g. event timing, can tell
-    apart). Returns fractions in [0, 1]: ``accuracy`` over all pairs, ``matched``, ``swapped_other_class``,
-    ``swapped_same_class`` (NaN when there is none), and ``same_class_share`` of the swapped pairs."""
+    Each video is scored with its own audio and with the audio of the video a seeded derangement gives it, so
+    half the pairs are swapped; ``labels [N]`` split the swapped pairs into those from another class and those
+    from the same class (which only instance cues, e.g. event timing, can tell apart). Every pair is scored
+    twice: ``masked``, the input CPP trains on (the pretraining masking: ``objective.mask_ratio`` of the clips
+    of each stream, the 80/10/10 rule, seeded), and ``unmasked``, every clip real. Returns ``{kind: {pairs,
+    accuracy, matched, swapped_other_class, swapped_same_class (NaN when none), same_class_share}}``, fractions
+    in [0, 1]."""
     device = device or torch.device("cpu")
     model = pre.model
     was_training = pre.training
@@ -195,21 +198,36 @@ def pair_accuracy(pre: Pretraining, cfg: Config, records: Sequence[dict], labels
     tokens = over_views(lambda b: {"visual": model.embed_visual(b["video"])[1], "audio": model.embed_audio(b["audio"])[1]},
                         cfg, records, views, device, batch_size=batch_size, progress=progress, desc="pairs")
     n = labels.numel()
-    perm = swap_permutation(n, 1.0, torch.Generator().manual_seed(seed))  # one random cycle: nobody keeps its audio
+    gen = torch.Generator().manual_seed(seed)
+    perm = swap_permutation(n, 1.0, gen)  # one random cycle: nobody keeps its own audio
     same = labels[perm] == labels
-    matched_ok, swapped_ok = [], []
+    correct: dict[str, list[Tensor]] = {"masked": [], "unmasked": []}  # per view: [2N] bool, matched then swapped
+
+    def logits(vis: Tensor, aud: Tensor, masked: bool) -> Tensor:
+        if masked:
+            valid = torch.ones(vis.shape[:2], dtype=torch.bool)
+            vis, aud = pre.mask_tokens(vis, valid, "visual", gen)[0], pre.mask_tokens(aud, valid, "audio", gen)[0]
+        return pre.cpp_logits(model.encode(vis, aud)).cpu()
+
     for v in range(views):
-        vis, aud = tokens["visual"][v], tokens["audio"][v]
-        for audio_rows, out in ((torch.arange(n), matched_ok), (perm, swapped_ok)):
-            logits = torch.cat([pre.cpp_logits(model.encode(vis[i : i + batch_size].to(device), aud[audio_rows[i : i + batch_size]].to(device))).cpu()
-                                for i in range(0, n, batch_size)])
-            out.append(logits > 0 if out is matched_ok else logits <= 0)
+        vis, aud = tokens["visual"][v].to(device), tokens["audio"][v].to(device)
+        for kind in correct:
+            ok = []
+            for audio_rows, matched in ((torch.arange(n), True), (perm, False)):
+                out = torch.cat([logits(vis[i : i + batch_size], aud[audio_rows[i : i + batch_size]], kind == "masked")
+                                 for i in range(0, n, batch_size)])
+                ok.append(out > 0 if matched else out <= 0)
+            correct[kind].append(torch.cat(ok))
     pre.train(was_training)
-    m, s = torch.stack(matched_ok).float(), torch.stack(swapped_ok).float()  # [V, N]
-    return {"pairs": 2 * n * views, "accuracy": float(torch.cat([m, s]).mean()), "matched": float(m.mean()),
-            "swapped_other_class": float(s[:, ~same].mean()) if (~same).any() else float("nan"),
-            "swapped_same_class": float(s[:, same].mean()) if same.any() else float("nan"),
-            "same_class_share": float(same.float().mean())}
+    result = {}
+    for kind, rows in correct.items():
+        c = torch.stack(rows).float()  # [V, 2N]
+        m, s = c[:, :n], c[:, n:]
+        result[kind] = {"pairs": 2 * n * views, "accuracy": float(c.mean()), "matched": float(m.mean()),
+                        "swapped_other_class": float(s[:, ~same].mean()) if (~same).any() else float("nan"),
+                        "swapped_same_class": float(s[:, same].mean()) if same.any() else float("nan"),
+                        "same_class_share": float(same.float().mean())}
+    return result
 
 
 # -- fine-tuning --------------------------------------------------------------------------------------------------
@@ -436,10 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             for head, s in results.get(name, {}).items():
                 print(f"{name:12s} {head:12s} test top-1 {s['test_top1']:5.1f}  top-5 {s['test_top5']:5.1f}   "
                       f"train top-1 {s['train_top1']:5.1f}  top-5 {s['train_top5']:5.1f}")
-        if "pretrained_cpp" in results:
-            c = results["pretrained_cpp"]
-            print(f"pretrained   CPP (eval mode, all {results['videos']} videos, {c['pairs']} pairs): accuracy {c['accuracy']:.3f}; "
-                  f"matched {c['matched']:.3f}, swapped from another class {c['swapped_other_class']:.3f}, "
+        for kind, c in results.get("pretrained_cpp", {}).items():
+            print(f"pretrained   CPP, {kind + ' input':14s} (eval mode, {c['pairs']} pairs of all {results['videos']} videos): "
+                  f"accuracy {c['accuracy']:.3f}; matched {c['matched']:.3f}, swapped from another class {c['swapped_other_class']:.3f}, "
                   f"from the same class {c['swapped_same_class']:.3f} ({100 * c['same_class_share']:.0f}% of swaps)")
     return 0
 

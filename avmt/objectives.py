@@ -124,7 +124,7 @@ class Pretraining(nn.Module):
         self.cpp_head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
 
     # -- masking -------------------------------------------------------------------------------------------------
-    def _mask_tokens(self, tokens: Tensor, valid: Tensor, modality: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def mask_tokens(self, tokens: Tensor, valid: Tensor, modality: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """(tokens with the 80/10/10 rule applied at the masked clips, masked bool [B, T] on the tokens' device)."""
         b, t, _ = tokens.shape
         masked = choose_masked(valid.cpu(), self.cfg.mask_ratio, generator)
@@ -205,7 +205,7 @@ class Pretraining(nn.Module):
         tokens, valids = {"visual": v_tok, "audio": a_tok}, {"visual": valid, "audio": a_valid}
         masked_in, masked = {}, {}
         for m in ("visual", "audio"):
-            masked_in[m], masked[m] = self._mask_tokens(tokens[m], valids[m], m, generator)
+            masked_in[m], masked[m] = self.mask_tokens(tokens[m], valids[m], m, generator)
         enc = model.encode(masked_in["visual"], masked_in["audio"], None if clip_mask is None else valid, None if clip_mask is None else a_valid)
 
         weights = {"visual": cfg.mep_visual, "audio": cfg.mep_audio, "multimodal": cfg.mep_multimodal}

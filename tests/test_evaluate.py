@@ -73,26 +73,38 @@ def test_finetune_is_deterministic_given_a_seed(manifest):
 
 @pytest.mark.parametrize("code", ["video", "class"])
 def test_pair_accuracy_pairs_each_video_with_its_own_and_a_swapped_audio(manifest, monkeypatch, code):
-    """An oracle CPP head that sees which video (or only which class) each token came from: the video oracle is
-    right on every pair; the class oracle misses exactly the swaps within a class."""
+    """An oracle CPP head that sees which video (or only which class) the clips came from (the most common code
+    of each stream, so that one masked clip per stream does not fool it): the video oracle is right on every
+    pair; the class oracle misses exactly the swaps within a class. Masked input really is masked."""
     cfg = load_config("tiny", overrides=[f"data.manifest={manifest}"])
     records = load_manifest(manifest)
     labels, _, _ = labelled_split(records, 0.3)
-    n, views = len(records), 2
+    n, views, t = len(records), 2, cfg.data.num_clips
     ids = (torch.arange(n) if code == "video" else labels).float()
-    tokens = ids[None, :, None, None].expand(views, n, 4, 1)  # [V, N, T, 1]: every token carries its code
+    tokens = ids[None, :, None, None].expand(views, n, t, cfg.model.dim)  # [V, N, T, D]: every token carries its code
     monkeypatch.setattr(avmt.evaluate, "over_views", lambda fn, cfg, records, views, *a, **k: {"visual": tokens, "audio": tokens})
     pre = Pretraining(AVBert(cfg.model), cfg.objective)
-    pre.model.encode = lambda vis, aud: EncoderOutput(None, None, torch.cat([vis, aud], 1))
-    pre.cpp_logits = lambda enc: torch.where(enc.multimodal[:, 0, 0] == enc.multimodal[:, 4, 0], 1.0, -1.0)
-    r = pair_accuracy(pre, cfg, records, labels, views, seed=3, progress=False)
+    altered = []  # per encode call: how many tokens are not a code (the mask embedding)
+    def encode(vis, aud):
+        altered.append(int((vis[..., 0] != vis[..., 0].round()).sum() + (aud[..., 0] != aud[..., 0].round()).sum()))
+        return EncoderOutput(None, None, torch.cat([vis, aud], 1))
+    pre.model.encode = encode
+    pre.cpp_logits = lambda enc: torch.where(enc.multimodal[:, :t, 0].mode(1).values == enc.multimodal[:, t:, 0].mode(1).values, 1.0, -1.0)
+    result = pair_accuracy(pre, cfg, records, labels, views, seed=3, progress=False)
 
     perm = swap_permutation(n, 1.0, torch.Generator().manual_seed(3))
     share = float((labels[perm] == labels).float().mean())
-    assert r["pairs"] == 2 * n * views and r["same_class_share"] == pytest.approx(share) and 0 < share < 1
-    assert r["matched"] == 1.0 and r["swapped_other_class"] == 1.0
-    assert r["swapped_same_class"] == (1.0 if code == "video" else 0.0)
-    assert r["accuracy"] == pytest.approx(1.0 if code == "video" else 1 - share / 2)
+    assert set(result) == {"masked", "unmasked"} and 0 < share < 1
+    for r in result.values():
+        assert r["pairs"] == 2 * n * views and r["same_class_share"] == pytest.approx(share)
+        assert r["matched"] == 1.0 and r["swapped_other_class"] == 1.0
+        assert r["swapped_same_class"] == (1.0 if code == "video" else 0.0)
+        assert r["accuracy"] == pytest.approx(1.0 if code == "video" else 1 - share / 2)
+    c = 2 * -(-n // 8)  # encode calls per view and kind (matched + swapped, batches of 8): masked first, then unmasked
+    assert len(altered) == 2 * views * c
+    for v in range(views):
+        masked, unmasked = altered[2 * v * c : (2 * v + 1) * c], altered[(2 * v + 1) * c : (2 * v + 2) * c]
+        assert sum(masked) > 0 and sum(unmasked) == 0
 
 
 def test_cli_finetune_compares_pretrained_and_random_init(run_dir, manifest, capsys):

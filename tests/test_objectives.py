@@ -40,7 +40,7 @@ def test_mask_rule_frequencies():
     g = torch.Generator().manual_seed(0)
     kinds = torch.zeros(3)
     for _ in range(30):
-        out, masked = pre._mask_tokens(tokens, valid, "visual", g)
+        out, masked = pre.mask_tokens(tokens, valid, "visual", g)
         changed = (out != tokens).any(-1)
         assert not (changed & ~masked).any()
         is_mask = (out == pre.mask_embedding["visual"].detach()).all(-1) & masked

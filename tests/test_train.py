@@ -159,5 +159,6 @@ def test_evaluate_cli_compares_with_random_init(manifest, tmp_path):
         assert set(out[name]) == {"visual", "audio", "audiovisual"}
         assert all(0 <= v <= 100 for s in out[name].values() for v in s.values())
     assert out["views"] == 2 and out["manifest"] == str(manifest)
-    cpp = out["pretrained_cpp"]  # the checkpoint's own CPP head, on matched and swapped pairs of every video
-    assert cpp["pairs"] == 2 * out["videos"] * 2 and all(0 <= cpp[k] <= 1 for k in ("accuracy", "matched", "swapped_other_class"))
+    for cpp in out["pretrained_cpp"].values():  # the checkpoint's own CPP head on matched and swapped pairs, masked and not
+        assert cpp["pairs"] == 2 * out["videos"] * 2 and all(0 <= cpp[k] <= 1 for k in ("accuracy", "matched", "swapped_other_class"))
+    assert set(out["pretrained_cpp"]) == {"masked", "unmasked"}
