@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         records = load_manifest(manifest)
         if loader == "dali" and device.type != "cuda":
             check_dali_cpu_codecs(records)
-        labelled_split(records, args.test_fraction)  # labels and splits, before any model work
+        labels, _, _ = labelled_split(records, args.test_fraction)  # labels and splits, before any model work
         results: dict[str, Any] = {"checkpoint": str(ckpt), "manifest": str(manifest), "protocol": args.protocol, "views": args.views,
                                    "heads": list(heads), "test_videos": sum(split_of(r["path"], args.test_fraction) == "test" for r in records),
                                    "videos": len(records)}
@@ -438,7 +438,6 @@ def main(argv: list[str] | None = None) -> int:
         load_checkpoint(ckpt, pretrained)
         results["pretrained"] = run(pretrained.model)
         if cfg.objective.cpp > 0:  # the pretraining task itself, as a check of the checkpoint
-            labels, _, _ = labelled_split(records, args.test_fraction)
             results["pretrained_cpp"] = pair_accuracy(pretrained, cfg, records, labels, args.views, progress=not args.quiet, device=device)
         if args.compare_random:
             torch.manual_seed(cfg.train.seed)  # the initialisation the run started from
