@@ -34,8 +34,8 @@ class TrainingError(RuntimeError):
     """The run cannot start or cannot go on; the message says why."""
 
 
-# The summary averages the last 100 steps: over 20 steps of batch 8 (160 pairs) CPP is noisy (the default run's
-# last 20 steps read 0.81, its last 100 0.88).
+# The summary averages the last 100 steps: over 20 steps of batch 8 (160 pairs) CPP was noisy (a run's last 20
+# steps read 0.81, its last 100 0.88).
 SUMMARY_STEPS = 100
 
 
