@@ -24,7 +24,8 @@ import yaml
 _SECTIONS = ("model", "data", "objective", "train")
 
 Sharing = Literal["none", "layers", "all", "lowrank"]
-Kernel = Literal["auto", "triton", "reference"]  # backend of the lowrank maps (avmt.kernels.select_backend)
+Kernel = Literal["auto", "triton", "reference"]  # backend of the lowrank maps (avmt.backends.select_lowrank)
+KernelBackward = Literal["triton", "torch"]  # backward of the Triton lowrank maps
 Fusion = Literal["early", "mid", "late"]
 FeatureNorm = Literal["none", "batchnorm"]  # on the pooled CNN features, before the input projection
 
@@ -136,6 +137,7 @@ class ModelConfig(_Section):
     rank: int = _field(128, POSITIVE)  # O, inner size of the low-rank maps
     lowrank_eps: float = _field(1e-6, POSITIVE)  # normalize(z) = z / max(||z||, eps)
     kernel: Kernel = "auto"  # lowrank maps: fused Triton on CUDA (auto), forced triton (raises if it cannot run), reference
+    kernel_backward: KernelBackward = "triton"  # Triton path's backward: fused kernels, or "torch" (fp32 matmuls, reference)
     max_clips: int = _field(64, POSITIVE)  # largest T a forward accepts (size of the position tables)
     visual_width: int = _field(64, POSITIVE)  # stem channels of the 3D ResNet; features = 32 * width
     visual_depths: tuple[int, ...] = _field((3, 4, 6, 3), ALL_POSITIVE)  # bottlenecks per stage

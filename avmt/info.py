@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import avmt
-from avmt import kernels, sampling
+from avmt import backends
 
 
 @dataclass(frozen=True)
@@ -59,26 +59,23 @@ def environment() -> dict[str, Any]:
         "triton": _version("triton"),
         "nvidia_dali": dali,
         "numpy": _version("numpy"),
-        "avmt._C": sampling._C_ERROR or ("built with CUDA ops" if sampling._C.cuda_built else "built (C++ CPU ops only)"),
+        "avmt._C": backends.extension_summary(),
     }
 
 
+_OP_TITLES = {
+    "sample_negatives": "sample_negatives  (avmt.sampling)",
+    "lowrank": "lowrank_linear  (U·R_m·normalize(V_mᵀx)+b, avmt.kernels.lowrank_maps; model.kernel=auto picks)",
+}
+
+
 def op_statuses() -> list[OpStatus]:
-    """Per op, every implementation avmt has and whether it runs here. The plain PyTorch reference always does."""
+    """Per op, every implementation avmt has and whether it runs here (:func:`avmt.backends.op_table`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    negatives = sampling.backend_status(device)
-    lowrank = kernels.backend_status(device)
     return [
-        OpStatus(
-            op=f"sample_negatives  (avmt.sampling, for {device} tensors)",
-            selected=sampling.select_backend(device),
-            backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in negatives.items()),
-        ),
-        OpStatus(
-            op=f"lowrank_linear  (U·R_m·normalize(V_mᵀx)+b, avmt.kernels / avmt.models.LowRankLinear, for {device} tensors)",
-            selected=kernels.select_backend(device, "auto"),  # what model.kernel=auto picks
-            backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in lowrank.items()),
-        ),
+        OpStatus(op=f"{_OP_TITLES[op]}, for {device} tensors", selected=selected,
+                 backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in status.items()))
+        for op, selected, status in backends.op_table(device)
     ]
 
 

@@ -16,6 +16,12 @@ The Gumbel noise of (anchor row, candidate) comes from a counter-based hash of a
 **Fewer than k candidates.** A row whose selectable candidates (after the anchor, the group filter, the
 trim and zero weights are removed) number fewer than ``k`` returns all of them, and ``-1`` in the remaining
 slots. Never the anchor itself, never an out-of-range index: callers mask ``-1``.
+
+**Checks.** Shapes, dtypes and devices are always checked. The checks that read values (finite embeddings in the
+content-aware modes, ``anchor_index`` in range) run for CPU tensors only: on a GPU each would stall the stream
+until the device catches up. There, out-of-range values and NaN/inf cannot make the CUDA op read or write out of
+bounds, but the indices it returns for such rows are unspecified (a NaN embedding makes the loss NaN anyway, which
+the training loop counts and skips).
 """
 
 from __future__ import annotations
@@ -27,19 +33,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from avmt import backends
+
 Mode = Literal["similar", "dissimilar", "uniform", "sequence"]
-Backend = Literal["auto", "reference", "cpp", "cuda"]
+Backend = backends.SamplingBackend
 MODES: dict[str, int] = {"similar": 0, "dissimilar": 1, "uniform": 2, "sequence": 3}  # csrc/sampling.h SampleMode
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _M32 = 0xFFFFFFFF
-
-try:  # the compiled ops register torch.ops.avmt.* on import
-    from avmt import _C  # noqa: F401
-
-    _C_ERROR: str | None = None
-except ImportError as e:  # a source checkout without `pip install --no-build-isolation -e .`
-    _C = None
-    _C_ERROR = f"avmt._C is not built ({e}); run `pip install --no-build-isolation -e .`"
 
 
 # -- the reference: the specification every backend must match ---------------------------------------------------
@@ -102,47 +102,12 @@ def sample_negatives_reference(
 
 
 # -- registration: fake (shape) implementation so the op traces under torch.compile ----------------------------------
-if _C is not None:
+if backends.C is not None:  # importing avmt._C (in avmt.backends) registered torch.ops.avmt.*
 
     @torch.library.register_fake("avmt::sample_negatives")
     def _(anchors, pool, k, mode, trim, anchor_index, anchor_group, pool_group, seed):  # noqa: ANN001
         torch._check(anchors.shape[1] == pool.shape[1])
         return anchors.new_empty((anchors.shape[0], k), dtype=torch.long)
-
-
-def backend_status(device: torch.device | str = "cpu") -> dict[str, tuple[bool, str]]:
-    """{backend: (available for tensors on ``device``, why)} for the sampling op."""
-    device = torch.device(device)
-    cuda_built = bool(_C is not None and _C.cuda_built)
-    status = {"reference": (True, "plain PyTorch, any device; materialises the [Na, Np] distance matrix")}
-    if device.type == "cpu":
-        status["cpp"] = (_C is not None, "C++ op, parallel over anchors, tiled distances" if _C is not None else _C_ERROR)
-        status["cuda"] = (False, "tensors are on the CPU")
-    else:
-        status["cpp"] = (False, f"tensors are on {device.type}; the C++ op takes CPU tensors")
-        if _C is None:
-            status["cuda"] = (False, _C_ERROR)
-        elif not cuda_built:
-            status["cuda"] = (False, "avmt._C was built without CUDA (CPU torch or no CUDA toolkit at build time)")
-        else:
-            status["cuda"] = (device.type == "cuda", "CUDA op, tiled distances, per-row selection on chip")
-    return status
-
-
-def select_backend(device: torch.device | str, backend: Backend = "auto") -> str:
-    """The backend that runs for tensors on ``device``; raises if an explicitly requested one cannot."""
-    status = backend_status(device)
-    if backend == "auto":
-        for name in ("cuda", "cpp"):
-            if status[name][0]:
-                return name
-        return "reference"
-    if backend not in status:
-        raise ValueError(f"backend={backend!r} is invalid: expected one of auto, reference, cpp, cuda")
-    ok, why = status[backend]
-    if not ok:
-        raise RuntimeError(f"sampling backend {backend!r} cannot run here: {why}")
-    return backend
 
 
 def _seed(generator: torch.Generator | None) -> int:
@@ -171,6 +136,8 @@ def sample_negatives(
             or one of ``reference``, ``cpp``, ``cuda`` (an error if it cannot run here).
     """
     _validate(anchors, pool, k, mode, trim, anchor_index, group, anchor_group)
+    if anchors.device.type == "cpu":  # on a GPU, reading values back would stall the stream (see the docstring)
+        _validate_values(anchors, pool, mode, anchor_index, group, anchor_group)
     na, np_ = anchors.shape[0], pool.shape[0]
     device = anchors.device
     if anchor_index is None:
@@ -181,9 +148,9 @@ def sample_negatives(
     else:
         anchor_group = torch.zeros(na, dtype=torch.long, device=device)
         group = torch.zeros(np_, dtype=torch.long, device=device)
-    name = select_backend(device, backend)
-    if backend == "auto" and name == "reference" and _C is None:
-        warnings.warn(f"sample_negatives runs the slow PyTorch reference: {_C_ERROR}", stacklevel=2)
+    name = backends.select_sampling(device, backend)
+    if backend == "auto" and name == "reference" and backends.C is None:
+        warnings.warn(f"sample_negatives runs the slow PyTorch reference: {backends.C_ERROR}", stacklevel=2)
     args = (anchors, pool, k, MODES[mode], float(trim), anchor_index, anchor_group, group, _seed(generator))
     if name == "reference":
         return sample_negatives_reference(*args)
@@ -209,17 +176,23 @@ def _validate(anchors, pool, k, mode, trim, anchor_index, group, anchor_group) -
         raise ValueError(f"mode={mode!r} is invalid: expected one of {', '.join(MODES)}")
     if not 0 <= trim < 0.5:
         raise ValueError(f"trim={trim!r} is invalid: expected a fraction in [0, 0.5)")
-    if mode in ("similar", "dissimilar") and not (torch.isfinite(anchors).all() and torch.isfinite(pool).all()):
-        raise ValueError("anchors or pool hold NaN/inf: distances would be meaningless")
     for name, t, n in (("anchor_index", anchor_index, anchors.shape[0]), ("group", group, pool.shape[0]), ("anchor_group", anchor_group, anchors.shape[0])):
         if t is None:
             continue
         if t.dtype != torch.long or t.shape != (n,) or t.device != anchors.device:
             raise ValueError(f"{name} must be an int64 tensor of shape [{n}] on {anchors.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if anchor_index is not None and anchor_index.numel() and (anchor_index.min() < -1 or anchor_index.max() >= pool.shape[0]):
-        raise ValueError(f"anchor_index values must be in [-1, {pool.shape[0]}) (-1: the anchor is not in the pool)")
     if mode == "sequence":
         if group is None:
             raise ValueError("mode='sequence' needs group (the sequence id of every pool row)")
-        if anchor_group is None and (anchor_index is None or bool((anchor_index < 0).any())):
+        if anchor_group is None and anchor_index is None:
             raise ValueError("mode='sequence' needs anchor_group, or anchor_index of every anchor to read it from group")
+
+
+def _validate_values(anchors, pool, mode, anchor_index, group, anchor_group) -> None:  # noqa: ANN001
+    """The checks that read tensor values: run for CPU tensors only (each is a device sync on a GPU)."""
+    if mode in ("similar", "dissimilar") and not (torch.isfinite(anchors).all() and torch.isfinite(pool).all()):
+        raise ValueError("anchors or pool hold NaN/inf: distances would be meaningless")
+    if anchor_index is not None and anchor_index.numel() and (anchor_index.min() < -1 or anchor_index.max() >= pool.shape[0]):
+        raise ValueError(f"anchor_index values must be in [-1, {pool.shape[0]}) (-1: the anchor is not in the pool)")
+    if mode == "sequence" and anchor_group is None and bool((anchor_index < 0).any()):
+        raise ValueError("mode='sequence' needs anchor_group, or anchor_index of every anchor to read it from group")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avmt import kernels
+from avmt.backends import lowrank_status, select_lowrank
 from avmt.models import LowRankLinear
 
 FULL_TOKENS = [256, 1024, 4096, 16384, 65536]
@@ -48,20 +48,25 @@ def test_lowrank_map(benchmark, full, impl, backward, case):
         pytest.skip("the full sweep needs a CUDA device")
     if impl == "triton-torchbwd" and not backward:
         pytest.skip("the forward of triton-torchbwd is the triton forward; only forward+backward differs")
-    if impl.startswith("triton") and kernels.select_backend(DEVICE, "auto") != "triton" and not (
-        DEVICE == "cpu" and kernels.backend_status("cpu")["triton"][0]
+    if impl.startswith("triton") and select_lowrank(DEVICE, "auto") != "triton" and not (
+        DEVICE == "cpu" and lowrank_status("cpu")["triton"][0]
     ):
-        pytest.skip(f"Triton cannot run here: {kernels.backend_status(DEVICE)['triton'][1]}")
+        pytest.skip(f"Triton cannot run here: {lowrank_status(DEVICE)['triton'][1]}")
     if impl == "compiled" and DEVICE != "cuda":
         pytest.skip("torch.compile(max-autotune) is benchmarked on the GPU only (minutes of compile on CPU)")
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     o, groups, group = 128, 3, 2
     torch.manual_seed(0)
-    lin = LowRankLinear(n, m, o, groups, init_std=0.02, eps=1e-6, kernel="triton" if impl.startswith("triton") else "reference")
-    lin.kernel_backward = "torch" if impl == "triton-torchbwd" else "triton"
+    lin = LowRankLinear(n, m, o, groups, init_std=0.02, eps=1e-6, kernel="triton" if impl.startswith("triton") else "reference",
+                        kernel_backward="torch" if impl == "triton-torchbwd" else "triton")
     lin = lin.to(DEVICE)  # fp32 parameters; bf16 compute through autocast, as mixed-precision training runs it
     x = torch.randn(tokens, n, device=DEVICE, dtype=dtype, requires_grad=backward)
     dy = torch.randn(tokens, m, device=DEVICE, dtype=dtype)
+    if impl == "compiled":
+        # a fresh dynamo cache per case: every case builds a new module, so past dynamo's recompile limit the
+        # "compiled" column would silently run eager; the frame count below proves it compiled
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     fn = lin if impl != "compiled" else torch.compile(lin, mode="max-autotune")
 
     def run() -> torch.Tensor:
@@ -79,6 +84,8 @@ def test_lowrank_map(benchmark, full, impl, backward, case):
         return y
 
     y = run()  # warm-up (compiles/autotunes) and a guard that the benchmarked function computes the map
+    if impl == "compiled":
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "torch.compile fell back to eager"
     params = ("U", "bias", "V", "A")
     got = [x.grad.clone(), *(getattr(lin, p).grad.clone() for p in params)] if backward else []
     kernel, lin.kernel = lin.kernel, "reference"

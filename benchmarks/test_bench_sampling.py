@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avmt.sampling import sample_negatives, select_backend
+from avmt.backends import select_sampling
+from avmt.sampling import sample_negatives
 from memory import peak_extra_memory
 
 FULL_POOLS = [1024, 4096, 16384, 65536]
@@ -18,7 +19,7 @@ QUICK_POOLS = [1024]
 
 def _device_and_backends() -> list[tuple[str, str]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [(device, "reference"), (device, select_backend(device))]
+    return [(device, "reference"), (device, select_sampling(device))]
 
 
 @pytest.mark.parametrize("np_", FULL_POOLS)

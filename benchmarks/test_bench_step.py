@@ -14,13 +14,11 @@ import os
 import pytest
 import torch
 
-from avmt.bench import random_clips
+from avmt.bench import training_step
 from avmt.bench.search import largest_fitting_batch, training_step_fits
 from avmt.config import SHARING_SCHEMES, load_config
-from avmt.models import AVBert
-from avmt.objectives import Pretraining
 from avmt.params import count_parts
-from avmt.train import build_optimizer, use_bf16
+from avmt.train import use_bf16
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = {  # preset: (batch, rounds) in full mode
@@ -40,24 +38,12 @@ def test_train_step(benchmark, full, preset, scheme):
     batch, rounds = CASES[preset] if full else (2, 1)
     cfg = load_config(preset, overrides=[f"model.sharing={scheme}"])
     d = cfg.data
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = AVBert(cfg.model)
-        pre = Pretraining(model, cfg.objective)
-    pre.train()
-    opt = build_optimizer(pre.parameters(), cfg.train)
-    gen = torch.Generator().manual_seed(0)
-    video, audio = random_clips(d, batch, DEVICE)
+    train_step, model = training_step(cfg, batch, DEVICE)
     bf16 = use_bf16(cfg.train, torch.device(DEVICE))
     losses: list[float] = []
 
     def step() -> None:
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
-            loss = pre(video, audio, generator=gen).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))  # also synchronises a GPU
+        losses.append(train_step())
 
     before = [p.detach().clone() for p in model.layers.parameters()]
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if full else 0)

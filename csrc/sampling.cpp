@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "build_info.h"  // written by setup.py
 #include "sampling.h"
 
 namespace avmt {
@@ -30,8 +31,6 @@ int64_t tile_rows(int64_t na, int64_t np, int64_t tile_bytes) {
   return std::max<int64_t>(1, std::min<int64_t>(na, tile_bytes / std::max<int64_t>(1, np * 4)));
 }
 
-namespace {
-
 void check_inputs(const at::Tensor& anchors, const at::Tensor& pool, int64_t k, int64_t mode, double trim,
                   const at::Tensor& anchor_index, const at::Tensor& anchor_group, const at::Tensor& pool_group) {
   TORCH_CHECK(anchors.dim() == 2 && pool.dim() == 2 && anchors.size(1) == pool.size(1),
@@ -42,13 +41,22 @@ void check_inputs(const at::Tensor& anchors, const at::Tensor& pool, int64_t k, 
   TORCH_CHECK(mode >= kSimilar && mode <= kSequence, "sample_negatives: unknown mode ", mode);
   TORCH_CHECK(trim >= 0 && trim < 0.5, "sample_negatives: trim must be in [0, 0.5), got ", trim);
   TORCH_CHECK(pool.size(0) > 0, "sample_negatives: the pool is empty");
-  TORCH_CHECK(anchor_index.scalar_type() == at::kLong && anchor_index.numel() == anchors.size(0),
-              "sample_negatives: anchor_index must be int64 [Na]");
-  TORCH_CHECK(anchor_group.scalar_type() == at::kLong && anchor_group.numel() == anchors.size(0),
-              "sample_negatives: anchor_group must be int64 [Na]");
-  TORCH_CHECK(pool_group.scalar_type() == at::kLong && pool_group.numel() == pool.size(0),
-              "sample_negatives: pool_group must be int64 [Np]");
+  const std::pair<const at::Tensor*, int64_t> index_tensors[] = {
+      {&anchor_index, anchors.size(0)}, {&anchor_group, anchors.size(0)}, {&pool_group, pool.size(0)}};
+  const char* names[] = {"anchor_index", "anchor_group", "pool_group"};
+  for (int t = 0; t < 3; ++t) {
+    const at::Tensor& x = *index_tensors[t].first;
+    TORCH_CHECK(x.scalar_type() == at::kLong && x.dim() == 1 && x.numel() == index_tensors[t].second,
+                "sample_negatives: ", names[t], " must be int64 [", index_tensors[t].second, "], got ", x.scalar_type(),
+                " ", x.sizes());
+    TORCH_CHECK(x.device() == anchors.device(), "sample_negatives: ", names[t], " is on ", x.device(),
+                " but anchors are on ", anchors.device());
+  }
+  TORCH_CHECK(pool.device() == anchors.device(), "sample_negatives: pool is on ", pool.device(), " but anchors are on ",
+              anchors.device());
 }
+
+namespace {
 
 at::Tensor sample_negatives_cpu(const at::Tensor& anchors_in, const at::Tensor& pool_in, int64_t k, int64_t mode,
                                 double trim, const at::Tensor& anchor_index_in, const at::Tensor& anchor_group_in,
@@ -145,4 +153,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
+  // what this binary was built with (setup.py): torch version, CUDA version and TORCH_CUDA_ARCH_LIST ("" without CUDA)
+  m.attr("build_torch") = AVMT_BUILD_TORCH;
+  m.attr("build_cuda") = AVMT_BUILD_CUDA;
+  m.attr("build_archs") = AVMT_BUILD_ARCHS;
 }

@@ -53,6 +53,9 @@ AVMT_HD double normalised(float d, float dmin, float dmax) {
 
 // Defined in sampling.cpp, used by both backends: squared l2 distances [c, Np] (float) of anchor rows [c, D] to
 // the pool [Np, D] given ||pool||^2 [Np]; and how many anchor rows fit a distance tile of `tile_bytes`.
+// Shapes, dtypes and devices of the op's inputs (not their values); both backends call it first.
+void check_inputs(const at::Tensor& anchors, const at::Tensor& pool, int64_t k, int64_t mode, double trim,
+                  const at::Tensor& anchor_index, const at::Tensor& anchor_group, const at::Tensor& pool_group);
 at::Tensor squared_distances(const at::Tensor& anchors, const at::Tensor& pool, const at::Tensor& pool_sq);
 int64_t tile_rows(int64_t na, int64_t np, int64_t tile_bytes);
 

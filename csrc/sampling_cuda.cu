@@ -210,14 +210,9 @@ __global__ void __launch_bounds__(kThreads) select_rows(
 at::Tensor sample_negatives_cuda(const at::Tensor& anchors_in, const at::Tensor& pool_in, int64_t k, int64_t mode,
                                  double trim, const at::Tensor& anchor_index, const at::Tensor& anchor_group,
                                  const at::Tensor& pool_group, int64_t seed) {
-  TORCH_CHECK(anchors_in.dim() == 2 && pool_in.dim() == 2 && anchors_in.size(1) == pool_in.size(1),
-              "sample_negatives: anchors [Na, D] and pool [Np, D] need the same D");
-  TORCH_CHECK(k > 0 && k <= kMaxK, "sample_negatives (CUDA): k must be in [1, ", kMaxK, "], got ", k);
-  TORCH_CHECK(mode >= kSimilar && mode <= kSequence, "sample_negatives: unknown mode ", mode);
-  TORCH_CHECK(pool_in.size(0) > 0 && pool_in.size(0) < (int64_t(1) << 31), "sample_negatives: pool size must be in [1, 2^31)");
-  for (const at::Tensor* t : {&anchor_index, &anchor_group, &pool_group}) {
-    TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kLong, "sample_negatives: index tensors must be int64 on CUDA");
-  }
+  check_inputs(anchors_in, pool_in, k, mode, trim, anchor_index, anchor_group, pool_group);
+  TORCH_CHECK(k <= kMaxK, "sample_negatives (CUDA): k must be in [1, ", kMaxK, "], got ", k);
+  TORCH_CHECK(pool_in.size(0) < (int64_t(1) << 31), "sample_negatives (CUDA): pool size must be below 2^31");
   const c10::cuda::CUDAGuard guard(anchors_in.device());
   const int64_t na = anchors_in.size(0), np = pool_in.size(0);
   at::Tensor out = at::empty({na, k}, anchors_in.options().dtype(at::kLong));

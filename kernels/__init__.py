@@ -1,73 +1,64 @@
-"""Triton kernels of avmt (importable as ``avmt.kernels``; the sources live in ``kernels/`` at the repo root).
+"""Fused ops of avmt (importable as ``avmt.kernels``; the sources live in ``kernels/`` at the repo root).
 
-Importing this package never imports Triton; :func:`backend_status` says whether the fused kernels can run
-for tensors on a given device, and :func:`select_backend` picks one (raising when an explicitly requested
-backend cannot run). The kernels themselves are in :mod:`avmt.kernels.lowrank_linear`.
+:func:`lowrank_maps` is the one entry point the model calls for the low-rank map: it asks
+:func:`avmt.backends.select_lowrank` which backend runs and calls either the fused Triton kernels
+(:mod:`avmt.kernels.lowrank_linear`, imported only then) or :func:`lowrank_reference`, the plain PyTorch map that
+is the source of truth the kernels are tested against. Importing this package never imports Triton.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-Kernel = Literal["auto", "triton", "reference"]
-KERNELS: tuple[str, ...] = ("auto", "triton", "reference")
+from avmt.backends import select_lowrank
 
-
-def _triton_error() -> str | None:
-    """None if the fused module imports, else why not (cached after the first call)."""
-    global _IMPORT_ERROR
-    if _IMPORT_ERROR is None:
-        try:
-            importlib.import_module("avmt.kernels.lowrank_linear")
-            _IMPORT_ERROR = ""
-        except Exception as e:  # noqa: BLE001 - any import failure means "cannot run", reported verbatim
-            _IMPORT_ERROR = f"importing triton failed: {type(e).__name__}: {e}"
-    return _IMPORT_ERROR or None
+Backward = Literal["triton", "torch"]
+BACKWARDS: tuple[str, ...] = ("triton", "torch")
 
 
-_IMPORT_ERROR: str | None = None
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the map computes in: autocast's dtype inside an autocast region (as the reference's matmuls
+    would), else x's own dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
-def interpreter_enabled() -> bool:
-    """Whether TRITON_INTERPRET=1 is set (it must be set before triton is first imported to take effect)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def lowrank_reference(x: Tensor, V: Tensor, R: Tensor, U: Tensor, b: Tensor, *, gelu: bool = False, eps: float = 1e-6) -> Tensor:
+    """``act(U · R · normalize(Vᵀ x) + b)`` in plain PyTorch for one modality group.
+
+    x ``[..., N]``; V ``[N, O]``, R ``[O, O]`` (this group's), U ``[M, O]``, b ``[M]`` -> ``[..., M]`` (autocast
+    applies as to any matmul)."""
+    z = F.normalize(x @ V, dim=-1, eps=eps)
+    y = F.linear(z @ R.transpose(0, 1), U, b)
+    return F.gelu(y) if gelu else y
 
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def lowrank_maps(
+    x: Tensor, Vs: Sequence[Tensor], Rs: Sequence[Tensor], Us: Sequence[Tensor], bs: Sequence[Tensor], *, group: int,
+    gelu: bool = False, eps: float = 1e-6, kernel: str = "auto", backward: Backward = "triton",
+) -> list[Tensor]:
+    """``P`` (1 to 3) low-rank maps of the same ``x`` for modality ``group``; returns ``P`` tensors ``[..., M]``.
 
+    Args:
+        x: ``[..., N]`` float tensor.
+        Vs, Rs, Us, bs: per map ``V [G, N, O]``, ``R [G, O, O]`` (orthogonal), ``U [M, O]``, ``b [M]``; parameters go
+            in as they are (fp32 under autocast): the Triton kernels cast them on load.
+        kernel: ``auto`` | ``triton`` | ``reference`` (:func:`avmt.backends.select_lowrank`).
+        backward: backward of the Triton path: ``triton`` (fused kernels) or ``torch`` (fp32 torch matmuls).
+    Several maps run in one Triton launch that reads ``x`` once per token block (Q, K, V); the reference loops.
+    """
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward={backward!r} is invalid: expected one of {', '.join(BACKWARDS)}")
+    dtype = compute_dtype(x)
+    if select_lowrank(x.device, kernel, dtype) == "triton":
+        from avmt.kernels.lowrank_linear import lowrank_linear_multi
 
-def backend_status(device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, tuple[bool, str]]:
-    """For tensors on ``device`` (and of ``dtype``, if given): ``{"triton": (ok, why), "reference": (ok, why)}``."""
-    device = torch.device(device)
-    status = {"reference": (True, "plain PyTorch LowRankLinear, runs on every device (the source of truth)")}
-    err = _triton_error()
-    if err is not None:
-        status["triton"] = (False, err)
-    elif dtype is not None and dtype not in _KERNEL_DTYPES:
-        status["triton"] = (False, f"the Triton kernels take float32, bfloat16 or float16 tensors, got {dtype}")
-    elif device.type == "cuda":
-        status["triton"] = (True, "fused Triton kernels on CUDA tensors")
-    elif device.type == "cpu" and interpreter_enabled():
-        status["triton"] = (True, "TRITON_INTERPRET=1: Triton interpreter on CPU tensors (slow, for tests)")
-    else:
-        status["triton"] = (False, f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device.type} tensors")
-    return status
-
-
-def select_backend(device: torch.device | str, kernel: str = "auto", dtype: torch.dtype | None = None) -> str:
-    """``"triton"`` or ``"reference"`` for tensors on ``device``. ``auto`` uses Triton only on CUDA; an explicit
-    ``triton`` that cannot run raises with the reason."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r} is invalid: expected one of {', '.join(KERNELS)}")
-    if kernel == "reference":
-        return "reference"
-    ok, why = backend_status(device, dtype)["triton"]
-    if kernel == "auto":
-        return "triton" if ok and torch.device(device).type == "cuda" else "reference"
-    if not ok:
-        raise RuntimeError(f"lowrank kernel 'triton' cannot run here: {why}")
-    return "triton"
+        # only the activations are cast, as autocast's matmuls would cast them
+        return lowrank_linear_multi(x.to(dtype), Vs, Rs, Us, bs, group=group, gelu=gelu, eps=eps, backward=backward)
+    return [lowrank_reference(x, V[group], R[group], U, b, gelu=gelu, eps=eps) for V, R, U, b in zip(Vs, Rs, Us, bs)]

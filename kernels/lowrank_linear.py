@@ -10,13 +10,16 @@ the kernel), never stacked: stacking copied every weight on every call. Weights 
 bfloat16/float16 (fp32 parameters under autocast): the kernels cast them on load, so no per-call cast copies
 either.
 
-Forward kernel (per program: one block of ``BT`` tokens of one segment, one map ``p``):
+Forward kernel (per program: one block of ``BT`` tokens of one segment, one map ``p``, one part of ``M``):
 
 1. ``z = x[BT, N] @ V[p, m][N, O]`` accumulated in fp32 over ``BK``-wide slices of ``N``;
 2. the row norm, ``z / max(||z||, eps)``, and the rotation ``w = z @ R[p, m]ᵀ`` on the ``[BT, O]`` tile in fp32;
-3. a loop over ``M`` in ``BM``-wide slices: ``y = act(w @ U[p]ᵀ + b[p])`` written out.
+3. a loop over this program's part of ``M`` in ``BM``-wide slices: ``y = act(w @ U[p]ᵀ + b[p])`` written out.
 
-The ``O``-wide intermediate never leaves the chip, and ``x`` is read once per (token block, map). ``z`` (fp32,
+The ``O``-wide intermediate never leaves the chip. ``M`` is split over several programs only when the (token
+block, map) grid alone would leave SMs idle (:func:`_m_splits`); each split recomputes steps 1-2, so ``x`` is
+read once per (token block, map, split). The block table (which token block belongs to which segment and group)
+is built on the host and cached per layout and device (:func:`block_table`), so a call does not copy or wait. ``z`` (fp32,
 normalised) and the row norms are written as side outputs only for the backward pass (``O`` is 6-24× smaller
 than ``N``/``M`` at paper shapes).
 
@@ -48,27 +51,30 @@ The ops are registered with ``torch.library.triton_op`` (``avmt::lowrank_fused``
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
+
+from avmt.kernels import BACKWARDS, Backward
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 MAX_MAPS = 3  # pointer slots of the kernels: Q, K, V
-Backward = Literal["triton", "torch"]
-BACKWARDS: tuple[str, ...] = ("triton", "torch")
 
 
 @triton.jit
 def _block_row(table_ptr, blk):
-    """Row ``blk`` of the host-built block table: (first token, one past the segment's last token, group)."""
-    start = tl.load(table_ptr + 3 * blk)
-    end = tl.load(table_ptr + 3 * blk + 1)
+    """Row ``blk`` of the host-built block table: (first token, one past the segment's last token, group). Token
+    indices come back as int64, so that every ``rows * stride`` offset is 64-bit (int32 overflows near 700K tokens
+    of an FFN map)."""
+    start = tl.load(table_ptr + 3 * blk).to(tl.int64)
+    end = tl.load(table_ptr + 3 * blk + 1).to(tl.int64)
     g = tl.load(table_ptr + 3 * blk + 2)
     return start, end, g
 
@@ -127,11 +133,13 @@ def _lowrank_fwd_kernel(
     s_yp, s_yt, s_ym,
     s_zp, s_zt, s_zo,
     s_np,
+    M_PER,
     GELU: tl.constexpr, IEEE: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr,
 ):
     blk = tl.program_id(0)
-    p = tl.program_id(1)
+    p = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)  # this program writes y[:, split * M_PER : (split + 1) * M_PER]
     DT = x_ptr.dtype.element_ty  # compute dtype; fp32 weights are cast to it on load (no per-call cast copies)
     start, end, g = _block_row(table_ptr, blk)
     v_base = _pick(p, v0, v1, v2) + g * s_vg
@@ -156,15 +164,16 @@ def _lowrank_fwd_kernel(
     # 2. row norm and rotation on chip (fp32; O x O is small next to N x O)
     norm = tl.sqrt(tl.sum(acc * acc, axis=1))
     z = acc / tl.maximum(norm, eps)[:, None]
-    tl.store(z_ptr + p * s_zp + rows[:, None] * s_zt + offs_o[None, :] * s_zo, z, mask=rmask[:, None] & omask[None, :])
-    tl.store(n_ptr + p * s_np + rows, norm, mask=rmask)
+    first = split == 0  # every split recomputes z; the first one writes it
+    tl.store(z_ptr + p * s_zp + rows[:, None] * s_zt + offs_o[None, :] * s_zo, z, mask=(rmask & first)[:, None] & omask[None, :])
+    tl.store(n_ptr + p * s_np + rows, norm, mask=rmask & first)
     # w = z @ R^T: load R transposed, rt[j, i] = R[i, j]
     rt = tl.load(r_base + offs_o[:, None] * s_rj + offs_o[None, :] * s_ri, mask=omask[:, None] & omask[None, :], other=0.0)
     w = _rot(z, rt.to(tl.float32), IEEE)
     w = w.to(DT)  # expansion runs in the compute dtype (bf16/fp16 tensor cores), fp32 accumulation
 
-    # 3. expansion, bias, activation, slice by slice of M
-    for m0 in range(0, M, BM):
+    # 3. expansion, bias, activation, slice by slice of this program's part of M
+    for m0 in range(split * M_PER, tl.minimum(split * M_PER + M_PER, M), BM):
         ms = m0 + tl.arange(0, BM)
         mmask = ms < M
         ut = tl.load(u_base + offs_o[:, None] * s_uo + ms[None, :] * s_um, mask=omask[:, None] & mmask[None, :], other=0.0)
@@ -197,7 +206,7 @@ def _lowrank_bwd_dx_kernel(
     """One block of ``BT`` tokens of one segment, one map ``p``: dy -> (w, dw, dq) and, with ``FUSE_DX`` (a single
     map), dx = dq Vᵀ straight from the on-chip dq."""
     blk = tl.program_id(0)
-    p = tl.program_id(1)
+    p = tl.program_id(1).to(tl.int64)
     DT = dx_ptr.dtype.element_ty  # compute dtype (x's)
     start, end, g = _block_row(table_ptr, blk)
     r_base = _pick(p, r0, r1, r2) + g * s_rg
@@ -307,8 +316,8 @@ def _lowrank_bwd_du_kernel(
     """Partial ``dU[p, ms, :] = Σ_t dpre[t, ms]ᵀ w[t, :]`` and ``db[p, ms] = Σ_t dpre[t, ms]`` over one chunk of
     ``CHUNK`` tokens (a multiple of ``BT``); the caller sums the chunks (stage two)."""
     mb = tl.program_id(0)
-    p = tl.program_id(1)
-    s = tl.program_id(2)
+    p = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2).to(tl.int64)
     DT = w_ptr.dtype.element_ty
     u_base = _pick(p, u0, u1, u2)
     b_base = _pick(p, b0, b1, b2)
@@ -322,7 +331,7 @@ def _lowrank_bwd_du_kernel(
     acc = tl.zeros([BM, BO], dtype=tl.float32)
     dbacc = tl.zeros([BM], dtype=tl.float32)
     for t0 in range(s * CHUNK, tl.minimum(s * CHUNK + CHUNK, T), BT):
-        rows = t0 + tl.arange(0, BT)
+        rows = tl.arange(0, BT).to(tl.int64) + t0  # int64 offsets, as _block_row gives the other kernels
         rmask = rows < T
         wt = tl.load(w_ptr + p * s_wp + rows[:, None] * s_wt + offs_o[None, :] * s_wo, mask=rmask[:, None] & omask[None, :],
                      other=0.0)
@@ -369,6 +378,37 @@ def _block_table(seg_lens: Sequence[int], seg_groups: Sequence[int], bt: int) ->
     return table
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_table(seg_lens: tuple[int, ...], seg_groups: tuple[int, ...], bt: int, device: torch.device) -> Tensor:
+    return torch.tensor(_block_table(seg_lens, seg_groups, bt), dtype=torch.int32).view(-1, 3).to(device)
+
+
+def block_table(seg_lens: Sequence[int], seg_groups: Sequence[int], bt: int, x: Tensor) -> Tensor:
+    """The ``[blocks, 3]`` int32 block table on x's device, cached per (lengths, groups, block size, device): a
+    model calls the same few layouts over and over, and each new table costs a host-to-device copy that waits for
+    the stream. Not cached while torch.compile traces (the table becomes a graph constant) or for fake tensors."""
+    lens, gs = tuple(seg_lens), tuple(seg_groups)
+    if torch.compiler.is_compiling() or is_fake(x):
+        return torch.tensor(_block_table(lens, gs, bt), dtype=torch.int32, device=x.device).view(-1, 3)
+    return _cached_table(lens, gs, bt, x.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _m_splits(programs: int, m: int, bm: int, device: torch.device) -> int:
+    """How many programs share the M loop of one (token block, map) in the forward. Each recomputes the O-wide
+    down-projection, so split only while the grid does not fill the GPU (two programs per SM): short sequences
+    (64-128 tokens per call at the paper's sizes) would otherwise run on a handful of the SMs. The interpreter
+    always uses two splits where M allows, so that the CPU tests cover the split path."""
+    slices = triton.cdiv(m, bm)
+    if device.type != "cuda":
+        return min(2, slices)
+    return max(1, min(slices, triton.cdiv(2 * _sm_count(device), max(1, programs))))
+
+
 def _slots(ts: Sequence[Tensor]) -> list[Tensor]:
     """The kernels' three pointer slots: the maps' tensors, padded by repeating the first (never read: p < P)."""
     return [*ts, *([ts[0]] * (MAX_MAPS - len(ts)))]
@@ -395,7 +435,9 @@ def _lowrank_fused(
     if table.shape[0] == 0:  # zero tokens
         return y, z, norm
     V, R, U, B = _slots(Vs), _slots(Rs), _slots(Us), _slots(bs)
-    wrap_triton(_lowrank_fwd_kernel)[(table.shape[0], p)](
+    splits = _m_splits(table.shape[0] * p, m, bm, x.device)
+    m_per = triton.cdiv(triton.cdiv(m, bm), splits) * bm  # a whole number of BM slices per program
+    wrap_triton(_lowrank_fwd_kernel)[(table.shape[0], p, triton.cdiv(m, m_per))](
         x, *V, *R, *U, *B, y, z, norm, table,
         t, n, m, o, eps,
         x.stride(0), x.stride(1),
@@ -406,6 +448,7 @@ def _lowrank_fused(
         y.stride(0), y.stride(1), y.stride(2),
         z.stride(0), z.stride(1), z.stride(2),
         norm.stride(0),
+        m_per,
         GELU=gelu, IEEE=x.dtype == torch.float32, BT=bt, BK=bk, BO=bo, BM=bm,
         # the [BT, O] fp32 tile and the O x O rotation are register-heavy at O=128: 8 warps spread them (unmeasured)
         num_warps=8 if bo >= 128 else 4,
@@ -672,10 +715,12 @@ def lowrank_linear_multi(
     x2 = x.reshape(-1, n)
     lens, gs = _segments(x2.shape[0], Vs[0].shape[0], group, segments)
     m, o = Us[0].shape[0], Vs[0].shape[-1]
+    if len(Vs) * x2.shape[0] * max(16, o) >= 2**31:  # the dq-sum kernel's per-map offset p * T * O is 32-bit
+        raise ValueError(f"{x2.shape[0]} tokens x {len(Vs)} maps x rank {o} is over 2^31: split the call")
     # the block tables are built here, outside the custom ops, so that the ops' bodies only allocate and launch
     bt, bt_bwd = _block_sizes(n, m, o, x.device)[0], _bwd_block_sizes(n, m, o, x.device)[0]
-    table = torch.tensor(_block_table(lens, gs, bt), dtype=torch.int32, device=x.device).view(-1, 3)
-    table_bwd = table if bt_bwd == bt else torch.tensor(_block_table(lens, gs, bt_bwd), dtype=torch.int32, device=x.device).view(-1, 3)
+    table = block_table(lens, gs, bt, x2)
+    table_bwd = table if bt_bwd == bt else block_table(lens, gs, bt_bwd, x2)
     # .contiguous() is a no-op for parameters and matrix_exp outputs; it gives every map one stride set
     Vs, Rs, Us, bs = ([t.contiguous() for t in ts] for ts in (Vs, Rs, Us, bs))
     y, _, _ = _lowrank_fused(x2, Vs, Rs, Us, bs, table, table_bwd, lens, gs, gelu, float(eps), backward == "triton")
@@ -690,23 +735,3 @@ def lowrank_linear(
     """``act(U · R_m · normalize(V_mᵀ x) + b)`` fused: x ``[..., N]``, V ``[G, N, O]``, R ``[G, O, O]``, U ``[M, O]``,
     b ``[M]``; returns ``[..., M]`` in x's dtype. See :func:`lowrank_linear_multi` for the other arguments."""
     return lowrank_linear_multi(x, [V], [R], [U], [b], group=group, segments=segments, gelu=gelu, eps=eps, backward=backward)[0]
-
-
-def lowrank_qkv(
-    x: Tensor, Vs: Sequence[Tensor], Rs: Sequence[Tensor], Us: Sequence[Tensor], bs: Sequence[Tensor], heads: int, *,
-    group: int | None = None, segments: Sequence[tuple[int, int]] | None = None, eps: float = 1e-6,
-    backward: Backward = "triton",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Q, K, V projections of ``x [B, S, D]`` in one launch, returned as ``[B, heads, S, D/heads]`` views
-    (the layout ``F.scaled_dot_product_attention`` takes). Each map's weights are read in place (no stacking)."""
-    if len(Vs) != 3:
-        raise ValueError(f"lowrank_qkv needs exactly 3 maps, got {len(Vs)}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, S, D], got {tuple(x.shape)}")
-    b_, s, _ = x.shape
-    outs = lowrank_linear_multi(x, Vs, Rs, Us, bs, group=group, segments=segments, eps=eps, backward=backward)
-    m = outs[0].shape[-1]
-    if m % heads:
-        raise ValueError(f"output width {m} is not divisible by heads={heads}")
-    q, k, v = (o.view(b_, s, heads, m // heads).transpose(1, 2) for o in outs)
-    return q, k, v

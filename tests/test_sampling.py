@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import avmt.sampling as sampling
-from avmt.sampling import MODES, sample_negatives, select_backend
+from avmt import backends
+from avmt.backends import select_sampling
+from avmt.sampling import MODES, sample_negatives
 
 BACKENDS = ["reference", "cpp"]
 
@@ -147,11 +149,11 @@ def test_bad_input_errors(kwargs, error):
 
 
 def test_backend_selection_is_explicit(monkeypatch):
-    assert select_backend("cpu") == "cpp"
+    assert select_sampling("cpu") == "cpp"
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here: tensors are on the CPU"):
         sample_negatives(torch.randn(2, 3), torch.randn(4, 3), 1, backend="cuda")
-    monkeypatch.setattr(sampling, "_C", None)
-    monkeypatch.setattr(sampling, "_C_ERROR", "avmt._C is not built (test)")
+    monkeypatch.setattr(backends, "C", None)
+    monkeypatch.setattr(backends, "C_ERROR", "avmt._C is not built (test)")
     with pytest.raises(RuntimeError, match=r"backend 'cpp' cannot run here: avmt._C is not built \(test\)"):
         sample_negatives(torch.randn(2, 3), torch.randn(4, 3), 1, backend="cpp")
     with pytest.warns(UserWarning, match="slow PyTorch reference"):

@@ -1,12 +1,15 @@
 """Benchmark support: memory of a training step per sharing scheme (:mod:`avmt.bench.memory`), the largest batch
-that fits (:mod:`avmt.bench.search`) and the report (``python -m avmt.bench report``, :mod:`avmt.bench.report`)."""
+that fits (:mod:`avmt.bench.search`), the one-shot GPU check (``python -m avmt.bench gpu``, :mod:`avmt.bench.gpu`)
+and the report (``python -m avmt.bench report``, :mod:`avmt.bench.report`)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from avmt.config import DataConfig
+from avmt.config import Config, DataConfig
 
 
 def random_clips(data: DataConfig, batch: int, device: torch.device | str, clips: int | None = None) -> tuple[Tensor, Tensor]:
@@ -16,3 +19,33 @@ def random_clips(data: DataConfig, batch: int, device: torch.device | str, clips
     video = torch.randn(batch, t, 3, data.frames, data.crop_size, data.crop_size, device=device)
     audio = torch.randn(batch, t, 1, data.n_mels, data.mel_frames, device=device)
     return video, audio
+
+
+def training_step(cfg: Config, batch: int, device: torch.device | str, seed: int = 0) -> tuple[Callable[[], float], torch.nn.Module]:
+    """A fresh model and ``step()``: the step ``avmt.train`` runs per batch on random clips (``Pretraining`` forward
+    under bf16 autocast when training would use it, backward, ``AdamW.step()``, ``zero_grad``); ``step()`` returns
+    the loss as a float (which also waits for a GPU). Returns ``(step, model)``."""
+    from avmt.models import AVBert
+    from avmt.objectives import Pretraining
+    from avmt.train import build_optimizer, use_bf16
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    with device:
+        model = AVBert(cfg.model)
+        pre = Pretraining(model, cfg.objective)
+    pre.train()
+    opt = build_optimizer(pre.parameters(), cfg.train)
+    gen = torch.Generator().manual_seed(seed)
+    video, audio = random_clips(cfg.data, batch, device)
+    bf16 = use_bf16(cfg.train, device)
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = pre(video, audio, generator=gen).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step, model

@@ -3,6 +3,7 @@
     python -m avmt.bench run [--full] [--out benchmarks/results/NAME.json] [-- PYTEST ARGS]   # suite + report
     python -m avmt.bench report [PATHS ...] [--out benchmarks/results/report.md] [--no-plots]
     python -m avmt.bench memory [--preset paper] [--scope transformer|model] [--batch 4] [section.key=value ...]
+    python -m avmt.bench gpu [--budget-s 480] [--out PATH] [--parts a,b] [--dry-run]      # one-shot GPU check
 """
 
 from __future__ import annotations
@@ -98,6 +99,12 @@ def _memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu(args: argparse.Namespace) -> int:
+    from avmt.bench.gpu import run_check
+
+    return run_check(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m avmt.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,7 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_memory)
 
+    p = sub.add_parser("gpu", help="the one-shot GPU check: every GPU path, JSON written after each part (avmt.bench.gpu)")
+    from avmt.bench.gpu import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=_gpu)
+
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv[1:]  # recorded by the GPU check
     return args.fn(args)
 
 

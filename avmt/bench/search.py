@@ -64,28 +64,14 @@ def training_step_fits(cfg: Config, batch: int, device: str | torch.device = "cu
     use it (:func:`avmt.train.use_bf16`), backward, then ``AdamW.step()`` (which allocates the optimizer state). Everything is
     freed before returning, OOM or not.
     """
-    from avmt.bench import random_clips
-    from avmt.models import AVBert
-    from avmt.objectives import Pretraining
-    from avmt.train import build_optimizer, use_bf16
+    from avmt.bench import training_step
 
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError("training_step_fits measures a CUDA device's memory; got " + str(device))
-    bf16 = use_bf16(cfg.train, device)
 
     def step() -> None:  # every tensor it makes is a local, freed when it returns or raises
-        torch.manual_seed(0)
-        with device:
-            model = AVBert(cfg.model)
-            pre = Pretraining(model, cfg.objective)
-        opt = build_optimizer(pre.parameters(), cfg.train)
-        video, audio = random_clips(cfg.data, batch, device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = pre(video, audio, generator=torch.Generator().manual_seed(0)).loss
-        loss.backward()
-        opt.step()
-        torch.cuda.synchronize(device)
+        training_step(cfg, batch, device)[0]()
 
     fitted = True
     try:

@@ -131,7 +131,7 @@ class AVBert(nn.Module):
             TransformerLayer(
                 d, cfg.heads, cfg.ffn_dim, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, ln_eps=cfg.ln_eps,
                 init_std=cfg.init_std, lowrank=lowrank, rank=cfg.rank, groups=len(self.transformers), lowrank_eps=cfg.lowrank_eps,
-                kernel=cfg.kernel,
+                kernel=cfg.kernel, kernel_backward=cfg.kernel_backward,
             )
             for _ in range(n_layers)
         )

@@ -18,14 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avmt import kernels
-
-
-def _kernel_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the fused kernels compute in: autocast's dtype inside an autocast region (as the reference's
-    matmuls would), else x's own dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+from avmt.backends import LOWRANK_KERNELS, select_lowrank
 
 
 class DenseMap(nn.Linear):
@@ -54,15 +47,16 @@ class LowRankLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, rank: int, groups: int, init_std: float, eps: float, kernel: str = "reference",
+        kernel_backward: str = "triton",
     ) -> None:
         super().__init__()
-        if kernel not in kernels.KERNELS:
-            raise ValueError(f"kernel={kernel!r} is invalid: expected one of {', '.join(kernels.KERNELS)}")
+        if kernel not in LOWRANK_KERNELS:
+            raise ValueError(f"kernel={kernel!r} is invalid: expected one of {', '.join(LOWRANK_KERNELS)}")
+        if kernel_backward not in kernels.BACKWARDS:
+            raise ValueError(f"kernel_backward={kernel_backward!r} is invalid: expected one of {', '.join(kernels.BACKWARDS)}")
         self.in_features, self.out_features, self.rank, self.groups, self.eps = in_features, out_features, rank, groups, eps
-        self.kernel = kernel  # "auto" | "triton" | "reference"; resolved per call from the input's device
-        # backward of the Triton path: "triton" (fused kernels + cuBLAS weight reductions) or "torch" (fp32 torch
-        # matmuls, the reference backward); an attribute for benchmarks and debugging, not a config key
-        self.kernel_backward = "triton"
+        self.kernel = kernel  # "auto" | "triton" | "reference" (model.kernel); resolved per call from the input
+        self.kernel_backward = kernel_backward  # backward of the Triton path (model.kernel_backward): "triton" | "torch"
         self.U = nn.Parameter(torch.empty(out_features, rank))
         self.bias = nn.Parameter(torch.empty(out_features))
         self.V = nn.Parameter(torch.empty(groups, in_features, rank))
@@ -80,24 +74,24 @@ class LowRankLinear(nn.Module):
 
     def backend(self, x: Tensor) -> str:
         """"triton" or "reference" for this input (raises if ``kernel="triton"`` cannot run on x's device)."""
-        return kernels.select_backend(x.device, self.kernel, _kernel_dtype(x))
+        return select_lowrank(x.device, self.kernel, kernels.compute_dtype(x))
 
     def forward(self, x: Tensor, group: int = 0, cache: RotationCache | None = None, gelu: bool = False) -> Tensor:
         """``x [..., N] -> [..., M]``; ``gelu=True`` applies the erf GELU after the bias (fused on the Triton path)."""
-        if not 0 <= group < self.groups:
-            raise IndexError(f"group {group} out of range for a low-rank map with {self.groups} groups")
-        rs = cache.rotations(self) if cache is not None else self.rotations()
-        if self.backend(x) == "triton":
-            from avmt.kernels.lowrank_linear import lowrank_linear
+        return LowRankLinear.apply_maps((self,), x, group, cache, gelu)[0]
 
-            # the parameters go in as they are (fp32 under autocast): the kernels cast them on load, so no
-            # per-call cast copies; only the activations are cast, as autocast's matmuls would cast them
-            return lowrank_linear(x.to(_kernel_dtype(x)), self.V, rs, self.U, self.bias, group=group, gelu=gelu, eps=self.eps,
-                                  backward=self.kernel_backward)
-        r = rs[group]
-        z = F.normalize(x @ self.V[group], dim=-1, eps=self.eps)
-        y = F.linear(z @ r.transpose(0, 1), self.U, self.bias)
-        return F.gelu(y) if gelu else y
+    @staticmethod
+    def apply_maps(
+        maps: tuple[LowRankLinear, ...], x: Tensor, group: int, cache: RotationCache | None = None, gelu: bool = False,
+    ) -> list[Tensor]:
+        """Several maps of the same shape and settings on one ``x [..., N]`` (Q, K, V: one Triton launch); the
+        parameters go to :func:`avmt.kernels.lowrank_maps` as they are, neither stacked nor cast."""
+        first = maps[0]
+        if not 0 <= group < first.groups:
+            raise IndexError(f"group {group} out of range for a low-rank map with {first.groups} groups")
+        rots = [cache.rotations(m) if cache is not None else m.rotations() for m in maps]
+        return kernels.lowrank_maps(x, [m.V for m in maps], rots, [m.U for m in maps], [m.bias for m in maps], group=group,
+                                    gelu=gelu, eps=first.eps, kernel=first.kernel, backward=first.kernel_backward)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, groups={self.groups}"
@@ -125,11 +119,12 @@ class RotationCache:
 
 
 def make_map(
-    in_features: int, out_features: int, *, lowrank: bool, rank: int, groups: int, init_std: float, eps: float, kernel: str = "reference",
+    in_features: int, out_features: int, *, lowrank: bool, rank: int, groups: int, init_std: float, eps: float,
+    kernel: str = "reference", kernel_backward: str = "triton",
 ) -> nn.Module:
     """A dense map ``in_features -> out_features``: low-rank factorised (with its kernel backend) or plain."""
     if lowrank:
-        return LowRankLinear(in_features, out_features, rank, groups, init_std, eps, kernel)
+        return LowRankLinear(in_features, out_features, rank, groups, init_std, eps, kernel, kernel_backward)
     return DenseMap(in_features, out_features, init_std)
 
 
@@ -142,6 +137,7 @@ class TransformerLayer(nn.Module):
     def __init__(
         self, dim: int, heads: int, ffn_dim: int, *, dropout: float, attention_dropout: float, ln_eps: float,
         init_std: float, lowrank: bool = False, rank: int = 128, groups: int = 1, lowrank_eps: float = 1e-6, kernel: str = "reference",
+        kernel_backward: str = "triton",
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -151,7 +147,8 @@ class TransformerLayer(nn.Module):
         self.attention_dropout = attention_dropout
 
         def dense(n: int, m: int) -> nn.Module:
-            return make_map(n, m, lowrank=lowrank, rank=rank, groups=groups, init_std=init_std, eps=lowrank_eps, kernel=kernel)
+            return make_map(n, m, lowrank=lowrank, rank=rank, groups=groups, init_std=init_std, eps=lowrank_eps, kernel=kernel,
+                            kernel_backward=kernel_backward)
 
         self.query, self.key, self.value, self.attn_out = (dense(dim, dim) for _ in range(4))
         self.ffn_in, self.ffn_out = dense(dim, ffn_dim), dense(ffn_dim, dim)
@@ -161,18 +158,10 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: Tensor, group: int = 0, key_mask: Tensor | None = None, cache: RotationCache | None = None) -> Tensor:
         b, s, d = x.shape
-        fused = self.lowrank and self.query.backend(x) == "triton"
-        if fused:  # Q, K, V in one launch that reads x once per token block
-            from avmt.kernels.lowrank_linear import lowrank_qkv
-
-            maps = (self.query, self.key, self.value)
-            rots = [cache.rotations(m) if cache is not None else m.rotations() for m in maps]
-            # each map's own parameters, neither stacked nor cast: the kernel reads the three maps through
-            # separate pointers and casts on load, and the gradients land on each map's U, bias, V and A
-            q, k, v = lowrank_qkv(x.to(_kernel_dtype(x)), [m.V for m in maps], rots, [m.U for m in maps], [m.bias for m in maps],
-                                  self.heads, group=group, eps=self.query.eps, backward=self.query.kernel_backward)
-        else:
-            q, k, v = (m(x, group, cache).view(b, s, self.heads, d // self.heads).transpose(1, 2) for m in (self.query, self.key, self.value))
+        maps = (self.query, self.key, self.value)
+        # low-rank: Q, K, V in one call (one Triton launch that reads x once per token block)
+        qkv = LowRankLinear.apply_maps(maps, x, group, cache) if self.lowrank else [m(x, group, cache) for m in maps]
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in qkv)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
