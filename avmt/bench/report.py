@@ -52,6 +52,7 @@ class Results:
     sources: list[dict[str, Any]] = field(default_factory=list)  # one per file: path, kind, device, date, command
     loader: list[dict[str, Any]] = field(default_factory=list)
     sampling: list[dict[str, Any]] = field(default_factory=list)  # the sampling sweep's summary files
+    gpu_checks: list[dict[str, Any]] = field(default_factory=list)  # python -m avmt.bench gpu
     skipped: list[str] = field(default_factory=list)
 
 
@@ -78,6 +79,11 @@ def load_results(paths: Iterable[str | Path]) -> Results:
             res.loader.append({"path": str(f), **data})
             res.sources.append({"path": str(f), "kind": "bench_loader.py", "device": f"cpu ({data.get('cpus')} cores)", "torch": data.get("torch"),
                                 "date": data.get("date"), "command": data.get("command"), "mode": "quick" if data.get("quick") else "full"})
+        elif isinstance(data, dict) and data.get("kind") == "avmt-gpu-check":
+            res.gpu_checks.append({"path": str(f), **data})
+            res.sources.append({"path": str(f), "kind": "python -m avmt.bench gpu", "device": (data.get("device") or {}).get("name"),
+                                "torch": (data.get("versions") or {}).get("torch"), "date": data.get("date"), "command": data.get("command"),
+                                "mode": "dry run" if data.get("dry_run") else "full"})
         elif isinstance(data, dict) and str(data.get("benchmark", "")).startswith("sample_negatives"):
             res.sampling.append({"path": str(f), **data})
             res.sources.append({"path": str(f), "kind": "sampling sweep", "device": data.get("device"), "torch": data.get("torch"), "date": data.get("date"),
@@ -448,6 +454,61 @@ def _largest_batch_section(res: Results) -> list[str]:
     return md + [_table(["scheme", "device", "largest batch", "device MiB", "tries"], rows), ""]
 
 
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:.3g}"
+
+
+def _gpu_check_section(res: Results) -> list[str]:
+    md = ["## GPU check (`python -m avmt.bench gpu`)", ""]
+    if not res.gpu_checks:
+        return md + ["No GPU check results yet.", ""]
+    for chk in sorted(res.gpu_checks, key=lambda c: str(c.get("date")), reverse=True):
+        dev, parts = chk.get("device") or {}, chk.get("parts") or {}
+        md += [f"### {dev.get('name', '?')}, {chk.get('date', '?')}{' (dry run)' if chk.get('dry_run') else ''}", "",
+               f"`{Path(chk['path']).name}`, commit `{chk.get('commit')}`, {chk.get('total_s', '?')} s of a {chk.get('budget_s')} s budget; "
+               f"torch {(chk.get('versions') or {}).get('torch')}, Triton {(chk.get('versions') or {}).get('triton')}", ""]
+        md += [_table(["part", "status", "seconds", "note"],
+                      [[p, r.get("status", "?"), str(r.get("seconds", "-")), str(r.get("reason") or r.get("note") or "")[:160]]
+                       for p, r in parts.items()]), ""]
+        speed = (parts.get("sampling") or {}).get("speed") or []
+        fast = (parts.get("sampling") or {}).get("fast_backend", "fast")
+        if speed:
+            md += [f"Negative sampling, `{fast}` backend (ms per call; D={speed[0].get('d')}, k={speed[0].get('k')}, Na = 15% of Np):", ""]
+            md += [_table(["Np", fast, "reference", "C++ (CPU)", "vs reference", "syncs/call"],
+                          [[str(r["np"]), _ms(r.get(f"{fast}_s")), _ms(r.get("reference_s")), _ms(r.get("cpp_s")),
+                            f"{r['reference_s'] / r[f'{fast}_s']:.1f}×" if r.get("reference_s") and r.get(f"{fast}_s") else "-",
+                            str(r.get("syncs_per_call"))] for r in speed]), ""]
+        low = parts.get("lowrank") or {}
+        acc = low.get("accuracy") or []
+        if acc:
+            worst = max(acc, key=lambda c: c["worst_ratio"])
+            md += [f"Low-rank kernels: {sum(c['passed'] for c in acc)} of {len(acc)} accuracy cases within 2× of the reference "
+                   f"(worst ratio {worst['worst_ratio']:.2f}, {worst['dtype']} N={worst['n']} M={worst['m']} {worst['impl']}).", ""]
+        rows = [r for r in low.get("speed") or [] if "reference_fwd_bwd_s" in r]
+        if rows:
+            md += ["Low-rank map, forward+backward ms (speed-up of Triton over eager / over torch.compile):", ""]
+            md += [_table(["N→M", "tokens", "dtype", "eager", "Triton", "compiled", "Triton vs eager", "vs compiled", "syncs"],
+                          [[f"{r['n']}→{r['m']}{' +GELU' if r['gelu'] else ''}", str(r["tokens"]), r["dtype"], _ms(r["reference_fwd_bwd_s"]),
+                            _ms(r["triton_fwd_bwd_s"]), _ms(r.get("compiled_fwd_bwd_s")),
+                            f"{r['reference_fwd_bwd_s'] / r['triton_fwd_bwd_s']:.2f}×",
+                            f"{r['compiled_fwd_bwd_s'] / r['triton_fwd_bwd_s']:.2f}×" if r.get("compiled_fwd_bwd_s") else "-",
+                            str(r.get("triton_syncs_per_fwd_bwd"))] for r in rows]), ""]
+        steps = {s: r for s, r in ((parts.get("step") or {}).get("steps") or {}).items() if "seconds_per_step" in r}
+        if steps:
+            first = next(iter(steps.values()))
+            md += [f"Pretraining step, `{first['preset']}` preset, batch {first['batch']} × T={first['clips']}, {first['precision']}:", ""]
+            md += [_table(["scheme", "s/step", "sequences/s", "peak MiB", "syncs/step"],
+                          [[f"`{s}`", f"{r['seconds_per_step']:.3g}", f"{r['sequences_per_s']:.3g}", mib(r.get("peak_allocated_bytes")),
+                            str(r.get("syncs_per_step"))] for s, r in sorted(steps.items(), key=lambda kv: _scheme_order(kv[0]))]), ""]
+        largest = (parts.get("largest_batch") or {}).get("largest_batch") or {}
+        if largest:
+            md += ["Largest batch that fits:", ""]
+            md += [_table(["scheme", "largest batch", "tries"],
+                          [[f"`{s}`", str(r.get("largest_batch", f"≥ {r.get('largest_batch_at_least')} (stopped)")), str(len(r.get("trials", [])))]
+                           for s, r in sorted(largest.items(), key=lambda kv: _scheme_order(kv[0]))]), ""]
+    return md
+
+
 def render(res: Results, out_dir: str | Path, plots: bool = True) -> str:
     """The Markdown report; PNGs (when ``plots``) are written into ``out_dir``, next to where the Markdown goes."""
     out_dir = Path(out_dir)
@@ -456,6 +517,7 @@ def render(res: Results, out_dir: str | Path, plots: bool = True) -> str:
     md += [f"- `{Path(s['path']).name}`: {s['kind']}, {s.get('mode') or '?'} mode, {s.get('device') or '?'}, torch {s.get('torch') or '?'}, "
            f"{s.get('date') or '?'}; `{s.get('command') or '?'}`" for s in res.sources]
     md += [""]
+    md += _gpu_check_section(res)
     md += _memory_section(res, out_dir, plots)
     md += _speed_section(res, out_dir, plots)
     md += _largest_batch_section(res)
