@@ -58,11 +58,11 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from avmt.kernels import BACKWARDS, Backward
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
-
-from avmt.kernels import BACKWARDS, Backward
+from triton.runtime.jit import JITFunction
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 MAX_MAPS = 3  # pointer slots of the kernels: Q, K, V
@@ -409,6 +409,13 @@ def _m_splits(programs: int, m: int, bm: int, device: torch.device) -> int:
     return max(1, min(slices, triton.cdiv(2 * _sm_count(device), max(1, programs))))
 
 
+def _launch(kernel):  # noqa: ANN001, ANN202
+    """The kernel behind ``wrap_triton`` (so torch.compile can trace the launch). Under TRITON_INTERPRET=1 Triton
+    makes kernels ``InterpretedFunction``s, which torch 2.11's ``wrap_triton`` rejects (2.13 passes them through);
+    those launch as they are: nothing traces the interpreter anyway."""
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
 def _slots(ts: Sequence[Tensor]) -> list[Tensor]:
     """The kernels' three pointer slots: the maps' tensors, padded by repeating the first (never read: p < P)."""
     return [*ts, *([ts[0]] * (MAX_MAPS - len(ts)))]
@@ -437,7 +444,7 @@ def _lowrank_fused(
     V, R, U, B = _slots(Vs), _slots(Rs), _slots(Us), _slots(bs)
     splits = _m_splits(table.shape[0] * p, m, bm, x.device)
     m_per = triton.cdiv(triton.cdiv(m, bm), splits) * bm  # a whole number of BM slices per program
-    wrap_triton(_lowrank_fwd_kernel)[(table.shape[0], p, triton.cdiv(m, m_per))](
+    _launch(_lowrank_fwd_kernel)[(table.shape[0], p, triton.cdiv(m, m_per))](
         x, *V, *R, *U, *B, y, z, norm, table,
         t, n, m, o, eps,
         x.stride(0), x.stride(1),
@@ -494,7 +501,7 @@ def _lowrank_fused_bwd(
     V, R, U, B = _slots(Vs), _slots(Rs), _slots(Us), _slots(bs)
     warps = 8 if bo >= 128 else 4
     fuse_dx = need_dx and p == 1
-    wrap_triton(_lowrank_bwd_dx_kernel)[(table_bwd.shape[0], p)](
+    _launch(_lowrank_bwd_dx_kernel)[(table_bwd.shape[0], p)](
         dy, z, norm, *V, *R, *U, *B, dx, w, dw, dq, table_bwd,
         t, n, m, o, eps,
         dy.stride(0), dy.stride(1), dy.stride(2),
@@ -510,7 +517,7 @@ def _lowrank_fused_bwd(
     )
     if need_dx and not fuse_dx:  # several maps: sum their dq V^T in a second launch
         bn_sum = min(bn, 32)  # 32-wide N slices with 4 warps compile without spills on sm_90 (64 spilled)
-        wrap_triton(_lowrank_bwd_dxsum_kernel)[(table_bwd.shape[0], triton.cdiv(n, bn_sum))](
+        _launch(_lowrank_bwd_dxsum_kernel)[(table_bwd.shape[0], triton.cdiv(n, bn_sum))](
             dq, *V, dx, table_bwd,
             n, o,
             dq.stride(0), dq.stride(1), dq.stride(2),
@@ -518,7 +525,7 @@ def _lowrank_fused_bwd(
             dx.stride(0), dx.stride(1),
             P=p, IEEE=ieee, BT=bt, BO=bo, BN=bn_sum, num_warps=4,
         )
-    wrap_triton(_lowrank_bwd_du_kernel)[(triton.cdiv(m, bm), p, chunks)](
+    _launch(_lowrank_bwd_du_kernel)[(triton.cdiv(m, bm), p, chunks)](
         dy, w, *U, *B, dU_part, db_part,
         t, m, o, chunk,
         dy.stride(0), dy.stride(1), dy.stride(2),

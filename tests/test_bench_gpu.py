@@ -100,7 +100,8 @@ def test_report_renders_a_gpu_check(tmp_path):
         "parts": {
             "build": {"status": "passed", "seconds": 60},
             "sampling": {"status": "passed", "fast_backend": "cuda",
-                         "speed": [{"np": 1024, "d": 768, "k": 32, "cuda_s": 0.001, "reference_s": 0.004, "cpp_s": 0.01, "syncs_per_call": 0}]},
+                         "speed": [{"np": 1024, "d": 768, "k": 32, "cuda_s": 0.001, "reference_s": 0.004, "cpp_s": 0.01,
+                                    "syncs_per_call": 0}]},
             "lowrank": {"status": "failed", "reason": "1 of 2 accuracy cases break the 2x rule",
                         "accuracy": [{"passed": True, "worst_ratio": 0.9, "dtype": "bfloat16", "n": 768, "m": 768, "impl": "triton"},
                                      {"passed": False, "worst_ratio": 3.1, "dtype": "float16", "n": 768, "m": 3072, "impl": "triton"}],

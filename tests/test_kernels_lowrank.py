@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from avmt import backends
 from avmt.config import ConfigError, load_config

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import avmt.sampling as sampling
 from avmt import backends
 from avmt.backends import select_sampling
 from avmt.sampling import MODES, sample_negatives

@@ -164,7 +164,7 @@ def timed(fn: Callable[[], Any], device: Any, reps: int, warmup: int = 1) -> flo
 def part_sampling(ctx: Part) -> dict[str, Any]:
     import torch
 
-    from avmt.backends import select_sampling, sampling_status
+    from avmt.backends import sampling_status, select_sampling
     from avmt.sampling import MODES, sample_negatives
 
     dev = ctx.device
@@ -212,7 +212,7 @@ def part_sampling(ctx: Part) -> dict[str, Any]:
             row["reference_s"] = timed(lambda: call("reference"), dev, reps)
         if dev.type == "cuda" and n <= 16384:
             a_cpu, p_cpu, i_cpu = anchors.cpu(), pool.cpu(), anchor_index.cpu()
-            row["cpp_s"] = timed(lambda: call("cpp", a_cpu, p_cpu, i_cpu), "cpu", 1)
+            row["cpp_s"] = timed(lambda a=a_cpu, p=p_cpu, i=i_cpu: call("cpp", a, p, i), "cpu", 1)
         speed.append(row)
         ctx.record("speed", speed)
     if bad:
@@ -299,7 +299,8 @@ def part_lowrank(ctx: Part) -> dict[str, Any]:
                 got = run(mods, x, segments, gelu, impl, dtype)
                 floor = 1e-3 if dtype != torch.float32 else 1e-6
                 report = error_report(got, ref, truth, floor=floor)
-                case = {"n": n, "m": m, "o": o, "gelu": gelu, "maps": count, "segments": segments, "dtype": str(dtype).removeprefix("torch."),
+                case = {"n": n, "m": m, "o": o, "gelu": gelu, "maps": count, "segments": segments,
+                        "dtype": str(dtype).removeprefix("torch."),
                         "impl": impl, "passed": all(r["passed"] for r in report), "worst_ratio": max(r["ratio"] for r in report)}
                 accuracy.append(case)
                 if not case["passed"]:
@@ -347,11 +348,11 @@ def _lowrank_speed(ctx: Part, maps_for: Callable[..., list[Any]]) -> tuple[list[
                 lin.kernel = "triton" if impl == "triton" else "reference"
                 fn = compiled if impl == "compiled" else (lambda x, mod=lin, g=gelu: mod(x, 2, gelu=g))
 
-                def fwd(fn=fn) -> Any:
+                def fwd(fn=fn, x=x) -> Any:
                     with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                         return fn(x)
 
-                def fwd_bwd(fn=fn) -> Any:
+                def fwd_bwd(fn=fn, x=x, dy=dy, lin=lin) -> None:
                     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                         y = fn(x)
                     y.backward(dy)
@@ -401,7 +402,7 @@ def part_step(ctx: Part) -> dict[str, Any]:
         with count_syncs(dev) as syncs:
             step()
         seconds = timed(step, dev, steps, warmup=0)
-        moved = all(not torch.equal(b, p.detach()) for b, p in zip(before, model.layers.parameters()))
+        moved = all(not torch.equal(b, p.detach()) for b, p in zip(before, model.layers.parameters(), strict=True))
         rows[scheme] = {"preset": preset, "batch": batch, "clips": cfg.data.num_clips, "seconds_per_step": seconds,
                         "sequences_per_s": batch / seconds, "precision": "bf16" if use_bf16(cfg.train, dev) else "fp32",
                         "peak_allocated_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
@@ -500,7 +501,8 @@ def _text(data: str | bytes | None) -> str:
 def part_dali(ctx: Part) -> dict[str, Any]:
     missing = [m for m in ("nvidia.dali", "av") if not _importable(m)]
     if missing:
-        return {"status": "skipped", "reason": f"not importable here: {', '.join(missing)} (DALI decodes; PyAV writes the H.264 test videos)"}
+        why = f"not importable here: {', '.join(missing)} (DALI decodes; PyAV writes the H.264 test videos)"
+        return {"status": "skipped", "reason": why}
     return _pytest(ctx, ["-m", "gpu", "tests/test_loader_select.py", "tests/test_data_loader.py"], "pytest")
 
 
