@@ -41,3 +41,17 @@ def test_info_cli():
     text = subprocess.run([sys.executable, "-m", "avmt.info"], capture_output=True, text=True, check=True).stdout
     assert "selected: cpp" in text or "selected: cuda" in text
     assert "selected by data.loader=auto: " in text
+
+
+def test_extension_imports_on_its_own_and_says_what_it_was_built_with(tmp_path):
+    """`import avmt._C` before (without) `import torch` finds torch's libraries through the module's RUNPATH."""
+    code = "import avmt._C as c; print(c.cuda_built, c.build_torch, c.build_archs)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cuda_built, build_torch, *archs = out.stdout.split()
+    assert build_torch == torch.__version__  # built against the torch that runs it
+    summary = environment()["avmt._C"]
+    if cuda_built == "True":  # a CUDA build names its architectures (TORCH_CUDA_ARCH_LIST or setup.py's default)
+        assert archs and f"archs {archs[0]}" in summary and "CUDA" in summary
+    else:
+        assert not archs and summary.startswith("built (C++ CPU ops only")
