@@ -107,6 +107,25 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_incompatibility() -> str | None:
+    """Why the Triton interpreter cannot run our kernels with the installed versions, or None. Triton 3.6's
+    interpreter turns scalar arguments into Python ints with ``int()`` of a one-element array, which numpy 2.4
+    refuses (seen with torch 2.11 + Triton 3.6 + numpy 2.4.6; numpy 2.3.5 works, as do Triton 3.7 and 3.8)."""
+    import importlib.metadata as md
+
+    def major_minor(dist: str) -> tuple[int, int]:
+        try:
+            return tuple(int(p) for p in md.version(dist).split(".")[:2])  # type: ignore[return-value]
+        except (md.PackageNotFoundError, ValueError):
+            return (0, 0)
+
+    triton, numpy = major_minor("triton"), major_minor("numpy")
+    if triton < (3, 7) and numpy >= (2, 4):
+        return (f"the Triton {'.'.join(map(str, triton))} interpreter fails with numpy {'.'.join(map(str, numpy))} "
+                "(int() of a one-element array): install numpy<2.4 or Triton>=3.7 to run the kernels on CPU")
+    return None
+
+
 def lowrank_status(device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, tuple[bool, str]]:
     """For tensors on ``device`` (and of ``dtype``, if given): ``{"triton": (ok, why), "reference": (ok, why)}``."""
     device = torch.device(device)
@@ -119,7 +138,8 @@ def lowrank_status(device: torch.device | str, dtype: torch.dtype | None = None)
     elif device.type == "cuda":
         status["triton"] = (True, "fused Triton kernels on CUDA tensors")
     elif device.type == "cpu" and interpreter_enabled():
-        status["triton"] = (True, "TRITON_INTERPRET=1: Triton interpreter on CPU tensors (slow, for tests)")
+        broken = _interpreter_incompatibility()
+        status["triton"] = (False, broken) if broken else (True, "TRITON_INTERPRET=1: Triton interpreter on CPU tensors (slow, for tests)")
     else:
         status["triton"] = (False, f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device.type} tensors")
     return status

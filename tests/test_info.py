@@ -55,3 +55,21 @@ def test_extension_imports_on_its_own_and_says_what_it_was_built_with(tmp_path):
         assert archs and f"archs {archs[0]}" in summary and "CUDA" in summary
     else:
         assert not archs and summary.startswith("built (C++ CPU ops only")
+
+
+def test_a_broken_interpreter_combination_says_why(monkeypatch):
+    """Triton 3.6's interpreter with numpy >= 2.4 cannot run the kernels: the backend says so instead of failing."""
+    import importlib.metadata
+
+    from avmt import backends
+
+    versions = {"triton": "3.6.0", "numpy": "2.4.6"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: versions[dist])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_triton_error", lambda: None)
+    ok, why = backends.lowrank_status("cpu")["triton"]
+    assert not ok and "numpy<2.4 or Triton>=3.7" in why
+    versions["numpy"] = "2.3.5"
+    assert backends.lowrank_status("cpu")["triton"][0]
+    versions.update(triton="3.7.1", numpy="2.4.6")
+    assert backends.lowrank_status("cpu")["triton"][0]
