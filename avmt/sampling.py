@@ -137,7 +137,7 @@ def sample_negatives(
     """
     _validate(anchors, pool, k, mode, trim, anchor_index, group, anchor_group)
     if anchors.device.type == "cpu":  # on a GPU, reading values back would stall the stream (see the docstring)
-        _validate_values(anchors, pool, mode, anchor_index, group, anchor_group)
+        _validate_values(anchors, pool, mode, anchor_index, anchor_group)
     na, np_ = anchors.shape[0], pool.shape[0]
     device = anchors.device
     if anchor_index is None:
@@ -188,7 +188,7 @@ def _validate(anchors, pool, k, mode, trim, anchor_index, group, anchor_group) -
             raise ValueError("mode='sequence' needs anchor_group, or anchor_index of every anchor to read it from group")
 
 
-def _validate_values(anchors, pool, mode, anchor_index, group, anchor_group) -> None:  # noqa: ANN001
+def _validate_values(anchors, pool, mode, anchor_index, anchor_group) -> None:  # noqa: ANN001
     """The checks that read tensor values: run for CPU tensors only (each is a device sync on a GPU)."""
     if mode in ("similar", "dissimilar") and not (torch.isfinite(anchors).all() and torch.isfinite(pool).all()):
         raise ValueError("anchors or pool hold NaN/inf: distances would be meaningless")

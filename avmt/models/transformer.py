@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avmt import kernels
-from avmt.backends import LOWRANK_KERNELS, select_lowrank
+from avmt.backends import LOWRANK_KERNELS
 
 
 class DenseMap(nn.Linear):
@@ -71,10 +71,6 @@ class LowRankLinear(nn.Module):
     def rotations(self) -> Tensor:
         """All ``R_m`` as one ``[G, O, O]`` tensor (orthogonal, same dtype as ``A``)."""
         return torch.matrix_exp(self.A - self.A.transpose(-1, -2))
-
-    def backend(self, x: Tensor) -> str:
-        """"triton" or "reference" for this input (raises if ``kernel="triton"`` cannot run on x's device)."""
-        return select_lowrank(x.device, self.kernel, kernels.compute_dtype(x))
 
     def forward(self, x: Tensor, group: int = 0, cache: RotationCache | None = None, gelu: bool = False) -> Tensor:
         """``x [..., N] -> [..., M]``; ``gelu=True`` applies the erf GELU after the bias (fused on the Triton path)."""
