@@ -40,8 +40,7 @@ def _has_cudart(home: str) -> bool:
 def _nvcc_top(nvcc: str) -> str | None:
     """The toolkit root as nvcc itself reports it (`#$ TOP=...` of a dry run): right even for a wrapper script."""
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
@@ -57,8 +56,10 @@ def find_cuda_home() -> tuple[str | None, str]:
     given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if given:
         if not _has_cudart(given):
-            sys.exit(f"avmt setup: error: CUDA_HOME={given} has no lib64/libcudart.so (nor lib/): point CUDA_HOME at the "
-                     "CUDA toolkit's root folder, or set AVMT_NO_CUDA=1 to build the C++ CPU ops only")
+            sys.exit(
+                f"avmt setup: error: CUDA_HOME={given} has no lib64/libcudart.so (nor lib/): point CUDA_HOME at the "
+                "CUDA toolkit's root folder, or set AVMT_NO_CUDA=1 to build the C++ CPU ops only"
+            )
         return given, "CUDA_HOME"
     nvcc = shutil.which("nvcc")
     candidates = [c for c in (_nvcc_top(nvcc) if nvcc else None, "/usr/local/cuda") if c]
@@ -66,16 +67,17 @@ def find_cuda_home() -> tuple[str | None, str]:
         if _has_cudart(home) and (Path(home) / "bin" / "nvcc").exists():
             return home, f"nvcc on the PATH ({nvcc})" if nvcc else "/usr/local/cuda"
     if nvcc:
-        sys.exit(f"avmt setup: error: found {nvcc} but no CUDA toolkit with libcudart.so (looked in {', '.join(candidates)}): "
-                 "set CUDA_HOME to the toolkit's root folder, or AVMT_NO_CUDA=1 to build the C++ CPU ops only")
+        sys.exit(
+            f"avmt setup: error: found {nvcc} but no CUDA toolkit with libcudart.so (looked in {', '.join(candidates)}): "
+            "set CUDA_HOME to the toolkit's root folder, or AVMT_NO_CUDA=1 to build the C++ CPU ops only"
+        )
     return None, "no CUDA toolkit found (no nvcc on the PATH, no /usr/local/cuda)"
 
 
 def default_arch_list(cuda_home: str) -> str:
     """DEFAULT_ARCHS that this toolkit can compile, the newest also as PTX."""
     try:
-        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True, text=True,
-                             timeout=60).stdout
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
         supported = {int(v) for v in re.findall(r"compute_(\d+)", out)}
     except (OSError, subprocess.SubprocessError):
         supported = set()
@@ -92,8 +94,7 @@ if cuda_home is not None:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(cuda_home)
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-    log(f"building the C++ and CUDA ops: CUDA {torch.version.cuda} toolkit {cuda_home} ({why}), "
-        f"TORCH_CUDA_ARCH_LIST={archs}")
+    log(f"building the C++ and CUDA ops: CUDA {torch.version.cuda} toolkit {cuda_home} ({why}), TORCH_CUDA_ARCH_LIST={archs}")
 else:
     log(f"building the C++ CPU ops only: {why}")
 
@@ -123,8 +124,11 @@ if cuda_home is not None:
 link = [*openmp, *(f"-Wl,-rpath,{p}" for p in rpaths)]
 if cuda_home is not None:
     extension = CUDAExtension(
-        "avmt._C", [*sources, "csrc/sampling_cuda.cu"], define_macros=[("WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link,
+        "avmt._C",
+        [*sources, "csrc/sampling_cuda.cu"],
+        define_macros=[("WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        extra_link_args=link,
     )
 else:
     extension = CppExtension("avmt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
@@ -133,5 +137,6 @@ else:
 setup(
     packages=[*find_packages(include=["avmt", "avmt.*"]), "avmt.kernels"],
     package_dir={"avmt.kernels": "kernels"},
-    ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
 )

@@ -97,7 +97,7 @@ def _triton_error() -> str | None:
         try:
             importlib.import_module("avmt.kernels.lowrank_linear")
             _TRITON_ERROR.append("")
-        except Exception as e:  # noqa: BLE001 - any import failure means "cannot run", reported verbatim
+        except Exception as e:
             _TRITON_ERROR.append(f"importing triton failed: {type(e).__name__}: {e}")
     return _TRITON_ERROR[0] or None
 
@@ -121,8 +121,10 @@ def _interpreter_incompatibility() -> str | None:
 
     triton, numpy = major_minor("triton"), major_minor("numpy")
     if triton < (3, 7) and numpy >= (2, 4):
-        return (f"the Triton {'.'.join(map(str, triton))} interpreter fails with numpy {'.'.join(map(str, numpy))} "
-                "(int() of a one-element array): install numpy<2.4 or Triton>=3.7 to run the kernels on CPU")
+        return (
+            f"the Triton {'.'.join(map(str, triton))} interpreter fails with numpy {'.'.join(map(str, numpy))} "
+            "(int() of a one-element array): install numpy<2.4 or Triton>=3.7 to run the kernels on CPU"
+        )
     return None
 
 

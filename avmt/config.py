@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -120,7 +121,7 @@ class _Section:
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
-    """The AVBERT model (SPEC §1-2). Defaults are the paper's numbers."""
+    """The AVBERT model (docs/method.md §1-2). Defaults are the paper's numbers."""
 
     section: ClassVar[str] = "model"
 
@@ -146,20 +147,17 @@ class ModelConfig(_Section):
     audio_depths: tuple[int, ...] = _field((3, 4, 6, 3), ALL_POSITIVE)
     audio_separable_stages: int = _field(2, NON_NEGATIVE)  # first stages whose 3x3 is split into 3x1 + 1x3
     bn_eps: float = _field(1e-5, POSITIVE)
-    # Zero the last BN of every bottleneck (the released code's choice). Then a fresh ResNet is its chain of strided 1x1
-    # projection shortcuts, which sample one pixel in 2x2 per stage: on the small presets' 32-64 px crops the pooled
-    # feature starts out seeing one position of the stem's map, and self-supervision never finds the target's colour.
+    # zero the last BN of every bottleneck (the released code's choice); off in the small presets, where it blinds the
+    # visual stream at init (docs/experiments.md, "What it took", 2.)
     zero_init_residual: bool = True
-    # Before the input projection: "batchnorm" standardises every pooled CNN feature over the batch's clips (no affine
-    # parameters). Pooled features share a large common part, so without it LayerNorm(Linear(f)) starts almost the same
-    # for every clip and the small presets' audio tokens collapse under MEP; "none" is the paper's Linear + LayerNorm.
+    # "batchnorm": standardise the pooled CNN features over the batch's clips (no affine) before the projection, which
+    # keeps the small presets' audio tokens from collapsing (docs/experiments.md, 1.); "none" is the paper's
     feature_norm: FeatureNorm = "none"
 
     def _check(self) -> None:
         self._require(self.dim % self.heads == 0, "heads", f"a divisor of model.dim={self.dim}")
         self._require(
-            len(self.visual_temporal_kernels) == len(self.visual_depths)
-            and all(k % 2 == 1 for k in self.visual_temporal_kernels),
+            len(self.visual_temporal_kernels) == len(self.visual_depths) and all(k % 2 == 1 for k in self.visual_temporal_kernels),
             "visual_temporal_kernels",
             f"one odd kernel size per stage of model.visual_depths ({len(self.visual_depths)} stages)",
         )
@@ -178,7 +176,7 @@ class ModelConfig(_Section):
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """How a training sequence is cut from a video (SPEC §5). Defaults are the paper's numbers."""
+    """How a training sequence is cut from a video (docs/method.md §5). Defaults are the paper's numbers."""
 
     section: ClassVar[str] = "data"
 
@@ -205,9 +203,7 @@ class DataConfig(_Section):
             "scale_range",
             "two sizes [low, high] with low <= high",
         )
-        self._require(
-            self.crop_size <= self.scale_range[0], "crop_size", f"at most data.scale_range[0]={self.scale_range[0]}"
-        )
+        self._require(self.crop_size <= self.scale_range[0], "crop_size", f"at most data.scale_range[0]={self.scale_range[0]}")
         self._require(
             self.num_clips * self.clip_seconds <= self.window_seconds + 1e-9,
             "num_clips",
@@ -222,7 +218,7 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class ObjectiveConfig(_Section):
-    """Pretraining objectives (SPEC §3) and negative sampling (SPEC §4)."""
+    """Pretraining objectives (docs/method.md §3) and negative sampling (docs/method.md §4)."""
 
     section: ClassVar[str] = "objective"
 
@@ -248,7 +244,7 @@ class ObjectiveConfig(_Section):
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    """Optimisation. The optimizer numbers are the paper's (SPEC §6); the schedule is our default."""
+    """Optimisation. The optimizer numbers are the paper's (docs/method.md §6); the schedule is our default."""
 
     section: ClassVar[str] = "train"
 
@@ -298,8 +294,7 @@ class Config:
             return list(v) if isinstance(v, tuple) else v
 
         return {"preset": self.preset} | {
-            name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()}
-            for name in _SECTIONS
+            name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()} for name in _SECTIONS
         }
 
     def to_yaml(self) -> str:
@@ -307,40 +302,69 @@ class Config:
 
 
 PRESETS: dict[str, Config] = {
-    # SPEC §1-2 exactly: D=768, L=6, 12 heads, FFN 3072, O=128, ResNet-50s, 15 clips x 32 frames at 112^2.
+    # docs/method.md §1-2 exactly: D=768, L=6, 12 heads, FFN 3072, O=128, ResNet-50s, 15 clips x 32 frames at 112^2.
     "paper": Config(preset="paper"),
     # A real but small model for quick GPU runs; a training step (batch 16) takes ~3-6 s on 2 CPU cores.
     "small": Config(
         preset="small",
         model=ModelConfig(
-            dim=256, layers=4, heads=4, ffn_dim=1024, rank=64, max_clips=32,
-            visual_width=16, visual_depths=(1, 2, 2, 1), audio_width=16, audio_depths=(1, 2, 2, 1), feature_norm="batchnorm",
+            dim=256,
+            layers=4,
+            heads=4,
+            ffn_dim=1024,
+            rank=64,
+            max_clips=32,
+            visual_width=16,
+            visual_depths=(1, 2, 2, 1),
+            audio_width=16,
+            audio_depths=(1, 2, 2, 1),
+            feature_norm="batchnorm",
             zero_init_residual=False,
         ),
         data=DataConfig(
-            num_clips=8, window_seconds=16.0, frames=16, fps=8.0, crop_size=64, scale_range=(72, 88),
-            sample_rate=16000, n_mels=64, mel_frames=64,
+            num_clips=8,
+            window_seconds=16.0,
+            frames=16,
+            fps=8.0,
+            crop_size=64,
+            scale_range=(72, 88),
+            sample_rate=16000,
+            n_mels=64,
+            mel_frames=64,
         ),
         train=TrainConfig(batch_size=16, lr=3e-4, warmup_steps=200, max_steps=20_000),
     ),
-    # For tests and the CPU demo: a training step (batch 16, data loading included) takes ~0.26 s on 2 CPU cores.
-    # Batch 16, not 8: BatchNorm statistics over 8 sequences made the features too noisy in training for CPP to
-    # pass ~0.87 (README, "Does it learn?").
+    # For tests and the CPU demo; batch 16 because batch-8 BatchNorm statistics held CPP back (docs/experiments.md, 5.)
     "tiny": Config(
         preset="tiny",
         model=ModelConfig(
-            dim=64, layers=2, heads=2, ffn_dim=128, rank=16, max_clips=16,
-            visual_width=8, visual_depths=(1, 1, 1, 1), audio_width=8, audio_depths=(1, 1, 1, 1), feature_norm="batchnorm",
+            dim=64,
+            layers=2,
+            heads=2,
+            ffn_dim=128,
+            rank=16,
+            max_clips=16,
+            visual_width=8,
+            visual_depths=(1, 1, 1, 1),
+            audio_width=8,
+            audio_depths=(1, 1, 1, 1),
+            feature_norm="batchnorm",
             zero_init_residual=False,
         ),
         data=DataConfig(
-            num_clips=4, window_seconds=8.0, frames=4, fps=4.0, crop_size=32, scale_range=(36, 44),
-            sample_rate=16000, n_mels=32, mel_frames=32,
+            num_clips=4,
+            window_seconds=8.0,
+            frames=4,
+            fps=4.0,
+            crop_size=32,
+            scale_range=(36, 44),
+            sample_rate=16000,
+            n_mels=32,
+            mel_frames=32,
         ),
         train=TrainConfig(batch_size=16, lr=1e-3, warmup_steps=100, max_steps=2500),
     ),
 }
-
 
 
 def _suggest(name: str, options: Sequence[str]) -> str:
@@ -353,18 +377,14 @@ def _apply(cfg: Config, updates: Mapping[str, Mapping[str, Any]]) -> Config:
     changed = {}
     for section, values in updates.items():
         if section not in _SECTIONS:
-            raise ConfigError(
-                f"unknown config section {section!r}: expected one of {', '.join(_SECTIONS)}{_suggest(section, _SECTIONS)}"
-            )
+            raise ConfigError(f"unknown config section {section!r}: expected one of {', '.join(_SECTIONS)}{_suggest(section, _SECTIONS)}")
         if not isinstance(values, Mapping):
             raise ConfigError(f"config section {section!r} must be a mapping of keys to values, got {values!r}")
         current = getattr(cfg, section)
         names = [f.name for f in fields(current)]
         for key in values:
             if key not in names:
-                raise ConfigError(
-                    f"unknown config key '{section}.{key}'{_suggest(key, names)}; {section} keys are: {', '.join(names)}"
-                )
+                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, names)}; {section} keys are: {', '.join(names)}")
         changed[section] = dataclasses.replace(current, **values)
     return dataclasses.replace(cfg, **changed)
 
@@ -425,7 +445,9 @@ def config_from_dict(values: Mapping[str, Any]) -> Config:
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
     """Add ``--preset``, ``--config`` and positional ``section.key=value`` overrides to a CLI parser."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"starting preset (default: {default_preset}, or the config file's)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help=f"starting preset (default: {default_preset}, or the config file's)"
+    )
     parser.add_argument("--config", type=Path, default=None, help="YAML file with model/data/objective/train sections")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. model.sharing=lowrank train.lr=3e-4")
 

@@ -85,8 +85,16 @@ def head_features(out: AVBertOutput) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def over_views(fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], cfg: Config, records: Sequence[dict], views: int,
-               device: torch.device, batch_size: int = 8, progress: bool = True, desc: str = "views") -> dict[str, Tensor]:
+def over_views(
+    fn: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    cfg: Config,
+    records: Sequence[dict],
+    views: int,
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "views",
+) -> dict[str, Tensor]:
     """Run ``fn`` (a batch on ``device`` -> ``{key: [B, ...]}``) over every video of ``records`` for ``views``
     views; returns ``{key: [V, N, ...]}`` float32 on the CPU, rows in manifest order.
 
@@ -118,25 +126,43 @@ def over_views(fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], cfg: Config
     return {k: torch.stack([p[k] for p in per_view]) for k in per_view[0]}
 
 
-def extract_features(model: AVBert, cfg: Config, records: Sequence[dict], views: int, batch_size: int = 8, progress: bool = True,
-                     device: torch.device | None = None) -> dict[str, Tensor]:
+def extract_features(
+    model: AVBert,
+    cfg: Config,
+    records: Sequence[dict],
+    views: int,
+    batch_size: int = 8,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> dict[str, Tensor]:
     """``{head: [V, N, F]}`` float32 features of the frozen ``model`` (eval mode) for ``records`` (see :func:`over_views`)."""
     device = device or next(model.parameters()).device
     model.eval()
-    return over_views(lambda b: head_features(model(b["video"], b["audio"])), cfg, records, views, device, batch_size,
-                      progress, desc="features")
+    return over_views(
+        lambda b: head_features(model(b["video"], b["audio"])), cfg, records, views, device, batch_size, progress, desc="features"
+    )
 
 
 def topk_scores(logits: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
     """Top-1 / top-5 accuracy in percent of ``logits [V, N, C]`` averaged over the V views, against ``y [N]`` int64."""
     mean = logits.mean(0)
     top = mean.topk(min(5, mean.shape[1]), dim=1).indices
-    return {f"{prefix}_top1": 100.0 * (top[:, 0] == y).float().mean().item(),
-            f"{prefix}_top5": 100.0 * (top == y[:, None]).any(1).float().mean().item()}
+    return {
+        f"{prefix}_top1": 100.0 * (top[:, 0] == y).float().mean().item(),
+        f"{prefix}_top5": 100.0 * (top == y[:, None]).any(1).float().mean().item(),
+    }
 
 
-def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, classes: int, steps: int = 500,
-                 weight_decay: float = 1e-3, seed: int = 0) -> dict[str, float]:
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    classes: int,
+    steps: int = 500,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
     """Logistic regression on ``[V, N, F]`` features (standardised with train statistics); each video's logits
     are averaged over its V views. Returns top-1/top-5 in percent for both splits."""
     torch.manual_seed(seed)
@@ -158,8 +184,10 @@ def labelled_split(records: Sequence[dict], test_fraction: float) -> tuple[Tenso
     classified (no labels, a single class, a split left empty)."""
     missing = [r.get("path", f"row {i}") for i, r in enumerate(records) if not isinstance(r.get("label_index"), int)]
     if missing:
-        raise EvaluationError(f"{len(missing)} of {len(records)} manifest rows have no integer label_index (e.g. {missing[0]}): "
-                              "evaluation needs a labelled manifest (python -m avmt.data.prepare with class folders or a CSV with labels)")
+        raise EvaluationError(
+            f"{len(missing)} of {len(records)} manifest rows have no integer label_index (e.g. {missing[0]}): "
+            "evaluation needs a labelled manifest (python -m avmt.data.prepare with class folders or a CSV with labels)"
+        )
     labels = torch.tensor([r["label_index"] for r in records])
     if labels.min() < 0:
         raise EvaluationError(f"label_index must be >= 0, got {int(labels.min())}")
@@ -171,8 +199,15 @@ def labelled_split(records: Sequence[dict], test_fraction: float) -> tuple[Tenso
     return labels, is_test, int(labels.max()) + 1
 
 
-def evaluate(model: AVBert, cfg: Config, records: Sequence[dict], views: int, test_fraction: float, progress: bool = True,
-             device: torch.device | None = None) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: AVBert,
+    cfg: Config,
+    records: Sequence[dict],
+    views: int,
+    test_fraction: float,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> dict[str, dict[str, float]]:
     """Linear probe: ``{head: {train_top1, train_top5, test_top1, test_top5}}`` on ``model``'s frozen features."""
     labels, is_test, classes = labelled_split(records, test_fraction)
     feats = extract_features(model, cfg, records, views, progress=progress, device=device)
@@ -180,8 +215,17 @@ def evaluate(model: AVBert, cfg: Config, records: Sequence[dict], views: int, te
 
 
 @torch.no_grad()
-def pair_accuracy(pre: Pretraining, cfg: Config, records: Sequence[dict], labels: Tensor, views: int, seed: int = 0,
-                  batch_size: int = 8, progress: bool = True, device: torch.device | None = None) -> dict[str, dict[str, float]]:
+def pair_accuracy(
+    pre: Pretraining,
+    cfg: Config,
+    records: Sequence[dict],
+    labels: Tensor,
+    views: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> dict[str, dict[str, float]]:
     """Correct pair prediction of ``pre``'s CPP head in eval mode (no dropout) on every video of ``records``.
 
     Each video is scored with its own audio and with the audio of the video a seeded derangement gives it, so
@@ -195,8 +239,16 @@ def pair_accuracy(pre: Pretraining, cfg: Config, records: Sequence[dict], labels
     model = pre.model
     was_training = pre.training
     pre.eval().to(device)
-    tokens = over_views(lambda b: {"visual": model.embed_visual(b["video"])[1], "audio": model.embed_audio(b["audio"])[1]},
-                        cfg, records, views, device, batch_size=batch_size, progress=progress, desc="pairs")
+    tokens = over_views(
+        lambda b: {"visual": model.embed_visual(b["video"])[1], "audio": model.embed_audio(b["audio"])[1]},
+        cfg,
+        records,
+        views,
+        device,
+        batch_size=batch_size,
+        progress=progress,
+        desc="pairs",
+    )
     n = labels.numel()
     gen = torch.Generator().manual_seed(seed)
     perm = swap_permutation(n, 1.0, gen)  # one random cycle: nobody keeps its own audio
@@ -214,8 +266,12 @@ def pair_accuracy(pre: Pretraining, cfg: Config, records: Sequence[dict], labels
         for kind in correct:
             ok = []
             for audio_rows, matched in ((torch.arange(n), True), (perm, False)):
-                out = torch.cat([logits(vis[i : i + batch_size], aud[audio_rows[i : i + batch_size]], kind == "masked")
-                                 for i in range(0, n, batch_size)])
+                out = torch.cat(
+                    [
+                        logits(vis[i : i + batch_size], aud[audio_rows[i : i + batch_size]], kind == "masked")
+                        for i in range(0, n, batch_size)
+                    ]
+                )
                 ok.append(out > 0 if matched else out <= 0)
             correct[kind].append(torch.cat(ok))
     pre.train(was_training)
@@ -223,14 +279,19 @@ def pair_accuracy(pre: Pretraining, cfg: Config, records: Sequence[dict], labels
     for kind, rows in correct.items():
         c = torch.stack(rows).float()  # [V, 2N]
         m, s = c[:, :n], c[:, n:]
-        result[kind] = {"pairs": 2 * n * views, "accuracy": float(c.mean()), "matched": float(m.mean()),
-                        "swapped_other_class": float(s[:, ~same].mean()) if (~same).any() else float("nan"),
-                        "swapped_same_class": float(s[:, same].mean()) if same.any() else float("nan"),
-                        "same_class_share": float(same.float().mean())}
+        result[kind] = {
+            "pairs": 2 * n * views,
+            "accuracy": float(c.mean()),
+            "matched": float(m.mean()),
+            "swapped_other_class": float(s[:, ~same].mean()) if (~same).any() else float("nan"),
+            "swapped_same_class": float(s[:, same].mean()) if same.any() else float("nan"),
+            "same_class_share": float(same.float().mean()),
+        }
     return result
 
 
 # -- fine-tuning --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
@@ -249,13 +310,23 @@ class FinetuneSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0,
-                  "warmup_fraction": 0 <= self.warmup_fraction < 1, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
-                  "grad_clip": self.grad_clip >= 0, "dropout": 0 <= self.dropout < 1}
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_fraction": 0 <= self.warmup_fraction < 1,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "grad_clip": self.grad_clip >= 0,
+            "dropout": 0 <= self.dropout < 1,
+        }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise EvaluationError(f"fine-tuning setting {bad[0]}={getattr(self, bad[0])!r} is out of range "
-                                  "(epochs, batch_size >= 1; lr > 0; weight_decay, grad_clip >= 0; warmup_fraction, dropout in [0, 1); min_lr_ratio in [0, 1])")
+            raise EvaluationError(
+                f"fine-tuning setting {bad[0]}={getattr(self, bad[0])!r} is out of range "
+                "(epochs, batch_size >= 1; lr > 0; weight_decay, grad_clip >= 0; warmup_fraction, dropout in [0, 1); "
+                "min_lr_ratio in [0, 1])"
+            )
 
 
 class Classifier(nn.Module):
@@ -274,8 +345,16 @@ class Classifier(nn.Module):
         return self.fc(self.drop(head_features(self.model(video, audio))[self.head]))
 
 
-def finetune(model: AVBert, cfg: Config, records: Sequence[dict], classes: int, heads: Sequence[str], settings: FinetuneSettings,
-             device: torch.device, progress: bool = True) -> tuple[dict[str, Classifier], dict[str, list[float]]]:
+def finetune(
+    model: AVBert,
+    cfg: Config,
+    records: Sequence[dict],
+    classes: int,
+    heads: Sequence[str],
+    settings: FinetuneSettings,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[dict[str, Classifier], dict[str, list[float]]]:
     """Fine-tune one copy of ``model`` (left unchanged) per head on ``records`` (the train split).
 
     Returns the trained classifiers and, per head, the mean cross-entropy of every epoch. All heads see the
@@ -290,14 +369,18 @@ def finetune(model: AVBert, cfg: Config, records: Sequence[dict], classes: int, 
     loader = build_loader(records, cfg.data, settings.batch_size, train=True, device=device, seed=settings.seed, drop_last=True)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise EvaluationError(f"the train split holds {len(records)} videos, fewer than one batch of {settings.batch_size}: "
-                              "lower --batch-size or --test-fraction")
+        raise EvaluationError(
+            f"the train split holds {len(records)} videos, fewer than one batch of {settings.batch_size}: "
+            "lower --batch-size or --test-fraction"
+        )
     total = settings.epochs * steps_per_epoch
     warmup = int(settings.warmup_fraction * total)
     torch.manual_seed(settings.seed)
     clfs = {h: Classifier(copy.deepcopy(model), h, classes, settings.dropout).to(device) for h in heads}
     opts = {h: torch.optim.AdamW(c.parameters(), lr=settings.lr, weight_decay=settings.weight_decay) for h, c in clfs.items()}
-    scheds = {h: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, warmup, total, settings.min_lr_ratio)) for h, o in opts.items()}
+    scheds = {
+        h: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, warmup, total, settings.min_lr_ratio)) for h, o in opts.items()
+    }
     bf16 = device.type == "cuda"  # as pretraining's precision=auto: bf16 autocast on CUDA, fp32 on CPU
     history: dict[str, list[float]] = {h: [] for h in heads}
     bar = tqdm(total=total, disable=not progress, desc=f"fine-tune {'+'.join(heads)}")
@@ -330,21 +413,48 @@ def finetune(model: AVBert, cfg: Config, records: Sequence[dict], classes: int, 
     return clfs, history
 
 
-def score_classifiers(clfs: dict[str, Classifier], cfg: Config, records: Sequence[dict], views: int, labels: Tensor, is_test: Tensor,
-                      device: torch.device, batch_size: int = 8, progress: bool = True) -> dict[str, dict[str, float]]:
+def score_classifiers(
+    clfs: dict[str, Classifier],
+    cfg: Config,
+    records: Sequence[dict],
+    views: int,
+    labels: Tensor,
+    is_test: Tensor,
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
     """``{head: {train_top1, train_top5, test_top1, test_top5}}`` of classifiers on every video of ``records``
     (``labels [N]`` int64, ``is_test [N]`` bool), logits averaged over ``views`` views (see :func:`over_views`)."""
     for c in clfs.values():
         c.eval()
-    logits = over_views(lambda b: {h: c(b["video"], b["audio"]) for h, c in clfs.items()}, cfg, records, views, device,
-                        batch_size, progress, desc="fine-tuned logits")
-    return {h: topk_scores(x[:, ~is_test], labels[~is_test], "train") | topk_scores(x[:, is_test], labels[is_test], "test")
-            for h, x in logits.items()}
+    logits = over_views(
+        lambda b: {h: c(b["video"], b["audio"]) for h, c in clfs.items()},
+        cfg,
+        records,
+        views,
+        device,
+        batch_size,
+        progress,
+        desc="fine-tuned logits",
+    )
+    return {
+        h: topk_scores(x[:, ~is_test], labels[~is_test], "train") | topk_scores(x[:, is_test], labels[is_test], "test")
+        for h, x in logits.items()
+    }
 
 
-def evaluate_finetune(model: AVBert, cfg: Config, records: Sequence[dict], views: int, test_fraction: float,
-                      settings: FinetuneSettings, heads: Sequence[str] = HEADS, progress: bool = True,
-                      device: torch.device | None = None) -> dict[str, dict[str, Any]]:
+def evaluate_finetune(
+    model: AVBert,
+    cfg: Config,
+    records: Sequence[dict],
+    views: int,
+    test_fraction: float,
+    settings: FinetuneSettings,
+    heads: Sequence[str] = HEADS,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> dict[str, dict[str, Any]]:
     """Fine-tuning protocol: ``{head: {train_top1, train_top5, test_top1, test_top5, train_loss}}``; ``train_loss``
     is the mean cross-entropy of every fine-tuning epoch. ``model`` itself is not changed."""
     device = device or next(model.parameters()).device
@@ -357,19 +467,29 @@ def evaluate_finetune(model: AVBert, cfg: Config, records: Sequence[dict], views
 
 # -- command line -------------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     defaults = FinetuneSettings()
-    parser = argparse.ArgumentParser(prog="python -m avmt.evaluate", description=__doc__.splitlines()[0],
-                                     epilog="protocols, heads and views: see the module docstring or the README's Evaluation section")
+    parser = argparse.ArgumentParser(
+        prog="python -m avmt.evaluate",
+        description=__doc__.splitlines()[0],
+        epilog="protocols, heads and views: see the module docstring or docs/training.md",
+    )
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("--manifest", type=Path, default=None, help="labelled manifest.jsonl (default: the one the run trained on)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="linear",
-                        help="linear: logistic regression on frozen features (default, cheap); finetune: train the whole model + head")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="linear",
+        help="linear: logistic regression on frozen features (default, cheap); finetune: train the whole model + head",
+    )
     parser.add_argument("--heads", default=",".join(HEADS), help=f"comma-separated subset of {','.join(HEADS)} (default: all)")
     parser.add_argument("--views", type=int, default=1, help="views per video, logits averaged (default 1)")
     parser.add_argument("--test-fraction", type=float, default=0.3)
     parser.add_argument("--compare-random", action="store_true", help="also run the protocol on the same model at random initialisation")
-    parser.add_argument("--loader", choices=("auto", "cpu", "dali"), default=None, help="data loader (default: the checkpoint's data.loader)")
+    parser.add_argument(
+        "--loader", choices=("auto", "cpu", "dali"), default=None, help="data loader (default: the checkpoint's data.loader)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ft = parser.add_argument_group("fine-tuning (--protocol finetune)")
     ft.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
@@ -398,8 +518,15 @@ def main(argv: list[str] | None = None) -> int:
     if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
         parser.error(f"--heads {args.heads!r} is invalid: expected a comma-separated subset of {','.join(HEADS)}")
     try:
-        settings = FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                                    warmup_fraction=args.warmup_fraction, dropout=args.dropout, seed=args.seed)
+        settings = FinetuneSettings(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_fraction=args.warmup_fraction,
+            dropout=args.dropout,
+            seed=args.seed,
+        )
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (EvaluationError, RuntimeError) as e:
         parser.error(str(e))
@@ -421,9 +548,15 @@ def main(argv: list[str] | None = None) -> int:
         if loader == "dali" and device.type != "cuda":
             check_dali_cpu_codecs(records)
         labels, _, _ = labelled_split(records, args.test_fraction)  # labels and splits, before any model work
-        results: dict[str, Any] = {"checkpoint": str(ckpt), "manifest": str(manifest), "protocol": args.protocol, "views": args.views,
-                                   "heads": list(heads), "test_videos": sum(split_of(r["path"], args.test_fraction) == "test" for r in records),
-                                   "videos": len(records)}
+        results: dict[str, Any] = {
+            "checkpoint": str(ckpt),
+            "manifest": str(manifest),
+            "protocol": args.protocol,
+            "views": args.views,
+            "heads": list(heads),
+            "test_videos": sum(split_of(r["path"], args.test_fraction) == "test" for r in records),
+            "videos": len(records),
+        }
         if args.protocol == "finetune":
             results["settings"] = dataclasses.asdict(settings)
 
@@ -432,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.protocol == "linear":
                 scores = evaluate(model, cfg, records, args.views, args.test_fraction, progress=not args.quiet, device=device)
                 return {h: scores[h] for h in heads}
-            return evaluate_finetune(model, cfg, records, args.views, args.test_fraction, settings, heads, progress=not args.quiet, device=device)
+            return evaluate_finetune(
+                model, cfg, records, args.views, args.test_fraction, settings, heads, progress=not args.quiet, device=device
+            )
 
         pretrained = Pretraining(AVBert(cfg.model), cfg.objective)
         load_checkpoint(ckpt, pretrained)
@@ -451,12 +586,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.protocol}: {results['videos']} videos ({results['test_videos']} test), {args.views} view(s)")
         for name in ("pretrained", "random_init"):
             for head, s in results.get(name, {}).items():
-                print(f"{name:12s} {head:12s} test top-1 {s['test_top1']:5.1f}  top-5 {s['test_top5']:5.1f}   "
-                      f"train top-1 {s['train_top1']:5.1f}  top-5 {s['train_top5']:5.1f}")
+                print(
+                    f"{name:12s} {head:12s} test top-1 {s['test_top1']:5.1f}  top-5 {s['test_top5']:5.1f}   "
+                    f"train top-1 {s['train_top1']:5.1f}  top-5 {s['train_top5']:5.1f}"
+                )
         for kind, c in results.get("pretrained_cpp", {}).items():
-            print(f"pretrained   CPP, {kind + ' input':14s} (eval mode, {c['pairs']} pairs of all {results['videos']} videos): "
-                  f"accuracy {c['accuracy']:.3f}; matched {c['matched']:.3f}, swapped from another class {c['swapped_other_class']:.3f}, "
-                  f"from the same class {c['swapped_same_class']:.3f} ({100 * c['same_class_share']:.0f}% of swaps)")
+            print(
+                f"pretrained   CPP, {kind + ' input':14s} (eval mode, {c['pairs']} pairs of all {results['videos']} videos): "
+                f"accuracy {c['accuracy']:.3f}; matched {c['matched']:.3f}, swapped from another class {c['swapped_other_class']:.3f}, "
+                f"from the same class {c['swapped_same_class']:.3f} ({100 * c['same_class_share']:.0f}% of swaps)"
+            )
     return 0
 
 

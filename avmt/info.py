@@ -73,8 +73,11 @@ def op_statuses() -> list[OpStatus]:
     """Per op, every implementation avmt has and whether it runs here (:func:`avmt.backends.op_table`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return [
-        OpStatus(op=f"{_OP_TITLES[op]}, for {device} tensors", selected=selected,
-                 backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in status.items()))
+        OpStatus(
+            op=f"{_OP_TITLES[op]}, for {device} tensors",
+            selected=selected,
+            backends=tuple(BackendStatus(name, ok, why) for name, (ok, why) in status.items()),
+        )
         for op, selected, status in backends.op_table(device)
     ]
 

@@ -24,6 +24,13 @@ def error_report(got: Sequence[Tensor], ref: Sequence[Tensor], truth: Sequence[T
         err = (g.double() - t).abs().max().item() if t.numel() else 0.0
         err_ref = (r.double() - t).abs().max().item() if t.numel() else 0.0
         allowed = 2 * err_ref + floor * (1 + scale)
-        rows.append({"error": err, "reference_error": err_ref, "allowed": allowed, "ratio": err / max(err_ref, 1e-300),
-                     "passed": bool(err <= allowed)})
+        rows.append(
+            {
+                "error": err,
+                "reference_error": err_ref,
+                "allowed": allowed,
+                "ratio": err / max(err_ref, 1e-300),
+                "passed": bool(err <= allowed),
+            }
+        )
     return rows

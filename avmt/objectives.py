@@ -1,4 +1,4 @@
-"""Pretraining objectives (SPEC §3): masked embedding prediction (MEP) and correct pair prediction (CPP).
+"""Pretraining objectives (docs/method.md §3): masked embedding prediction (MEP) and correct pair prediction (CPP).
 
 :class:`Pretraining` wraps an :class:`~avmt.models.AVBert` and adds the heads; the model itself is unchanged:
 the objectives run ``model.embed_visual`` / ``embed_audio``, alter the clip tokens (swap audio, mask), then
@@ -112,7 +112,9 @@ class Pretraining(nn.Module):
         self.has_multimodal = "multimodal" in model.transformers
         self.cpp_input = cfg.cpp_input if cfg.cpp_input != "auto" else ("multimodal" if self.has_multimodal else "unimodal")
         if self.cpp_input == "multimodal" and not self.has_multimodal or self.cpp_input == "unimodal" and not self.has_unimodal:
-            raise ValueError(f"objective.cpp_input={cfg.cpp_input!r} needs a {self.cpp_input} Transformer; model.fusion={model.cfg.fusion!r} has none")
+            raise ValueError(
+                f"objective.cpp_input={cfg.cpp_input!r} needs a {self.cpp_input} Transformer; model.fusion={model.cfg.fusion!r} has none"
+            )
         self.mask_embedding = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * model.cfg.init_std) for m in ("visual", "audio")})
         heads = {}
         for m in ("visual", "audio"):
@@ -145,7 +147,9 @@ class Pretraining(nn.Module):
         return out, masked.to(tokens.device)
 
     # -- MEP -----------------------------------------------------------------------------------------------------
-    def _negatives(self, anchors_local: Tensor, sample_feats: Tensor, tokens: Tensor, valid: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _negatives(
+        self, anchors_local: Tensor, sample_feats: Tensor, tokens: Tensor, valid: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Candidate pool and K negatives for the masked clips of one modality.
 
         Returns (pool tokens [Np, D] (this rank's rows with gradient), negative indices [Na, K] into the pool
@@ -161,8 +165,15 @@ class Pretraining(nn.Module):
         pool_group, _ = gather_pool(seq + batch_sizes[: _rank()].sum())  # sequence ids unique across ranks
         anchor_rows = anchors_local + offset
         neg = sample_negatives(
-            pool_feats[anchor_rows], pool_feats, self.cfg.negatives, mode=self.cfg.sampling, trim=self.cfg.trim,
-            anchor_index=anchor_rows, group=pool_group, generator=generator, backend=self.cfg.sampling_backend,
+            pool_feats[anchor_rows],
+            pool_feats,
+            self.cfg.negatives,
+            mode=self.cfg.sampling,
+            trim=self.cfg.trim,
+            anchor_index=anchor_rows,
+            group=pool_group,
+            generator=generator,
+            backend=self.cfg.sampling_backend,
         )
         return pool_tokens, neg, anchor_rows
 
@@ -188,7 +199,9 @@ class Pretraining(nn.Module):
         return self.cpp_head(bos).squeeze(1).float()
 
     # -- forward -------------------------------------------------------------------------------------------------
-    def forward(self, video: Tensor, audio: Tensor, clip_mask: Tensor | None = None, generator: torch.Generator | None = None) -> PretrainingOutput:
+    def forward(
+        self, video: Tensor, audio: Tensor, clip_mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> PretrainingOutput:
         model, cfg = self.model, self.cfg
         b, t = video.shape[:2]
         if audio.shape[:2] != (b, t):
@@ -206,7 +219,9 @@ class Pretraining(nn.Module):
         masked_in, masked = {}, {}
         for m in ("visual", "audio"):
             masked_in[m], masked[m] = self.mask_tokens(tokens[m], valids[m], m, generator)
-        enc = model.encode(masked_in["visual"], masked_in["audio"], None if clip_mask is None else valid, None if clip_mask is None else a_valid)
+        enc = model.encode(
+            masked_in["visual"], masked_in["audio"], None if clip_mask is None else valid, None if clip_mask is None else a_valid
+        )
 
         weights = {"visual": cfg.mep_visual, "audio": cfg.mep_audio, "multimodal": cfg.mep_multimodal}
         metrics: dict[str, Tensor] = {}

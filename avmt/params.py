@@ -93,17 +93,23 @@ def format_table(cfg: Config, rows: dict[str, dict[str, Any]]) -> str:
     base = rows.get("none", {}).get("transformer_params")
     for scheme, r in rows.items():
         ratio = f"{r['transformer_params'] / base:.1%}" if base else "-"
-        lines.append([
-            scheme, f"{r['transformer_params']:,}", ratio, f"{r['cnn_params']:,}", f"{r['projection_params']:,}",
-            f"{r['embedding_params']:,}", f"{r['total_params']:,}", _mib(r["transformer_train_bytes"]), _mib(r["total_train_bytes"]),
-        ])
+        lines.append(
+            [
+                scheme,
+                f"{r['transformer_params']:,}",
+                ratio,
+                f"{r['cnn_params']:,}",
+                f"{r['projection_params']:,}",
+                f"{r['embedding_params']:,}",
+                f"{r['total_params']:,}",
+                _mib(r["transformer_train_bytes"]),
+                _mib(r["total_train_bytes"]),
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     optimizer = "AdamW+AMSGrad: 3 buffers" if cfg.train.amsgrad else "AdamW: 2 buffers"
-    title = (
-        f"avmt parameters: preset={cfg.preset} fusion={m.fusion} D={m.dim} L={m.layers} heads={m.heads} "
-        f"FFN={m.ffn_dim} O={m.rank}"
-    )
+    title = f"avmt parameters: preset={cfg.preset} fusion={m.fusion} D={m.dim} L={m.layers} heads={m.heads} FFN={m.ffn_dim} O={m.rank}"
     note = f"w+g+opt = fp32 weights + gradients + optimizer state ({optimizer}); activations not included"
     return "\n".join([title, fmt(lines[0]), *(fmt(r) for r in lines[1:]), note])
 

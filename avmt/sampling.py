@@ -1,4 +1,4 @@
-"""Content-aware negative sampling (CANS, SPEC §4): ``sample_negatives`` and its PyTorch reference.
+"""Content-aware negative sampling (CANS, docs/method.md §4): ``sample_negatives`` and its PyTorch reference.
 
 For anchor ``i`` the candidates are the pool rows ``j != anchor_index[i]`` (in mode ``sequence``, only those
 with ``group[j] == anchor_group[i]``). Then, per mode:
@@ -62,8 +62,15 @@ def gumbel_noise(seed: int, rows: Tensor, cols: Tensor) -> Tensor:
 
 
 def sample_negatives_reference(
-    anchors: Tensor, pool: Tensor, k: int, mode: int, trim: float, anchor_index: Tensor, anchor_group: Tensor,
-    pool_group: Tensor, seed: int,
+    anchors: Tensor,
+    pool: Tensor,
+    k: int,
+    mode: int,
+    trim: float,
+    anchor_index: Tensor,
+    anchor_group: Tensor,
+    pool_group: Tensor,
+    seed: int,
 ) -> Tensor:
     """Plain PyTorch version of the op (same arguments as ``torch.ops.avmt.sample_negatives``). Builds [Na, Np]."""
     na, np_ = anchors.shape[0], pool.shape[0]
@@ -84,7 +91,7 @@ def sample_negatives_reference(
         kept = valid & (rank >= t[:, None]) & (rank < (n - t)[:, None])
         dmin = d.masked_fill(~valid, math.inf).amin(1, keepdim=True)
         dmax = d.masked_fill(~valid, -math.inf).amax(1, keepdim=True)
-        span = (dmax.double() - dmin.double())
+        span = dmax.double() - dmin.double()
         d_hat = torch.where(dmax > dmin, (d.double() - dmin.double()) / span.clamp_min(1e-300), torch.full_like(span, 0.5))
         weight = 1.0 - d_hat if mode == MODES["similar"] else d_hat
     else:
@@ -105,7 +112,7 @@ def sample_negatives_reference(
 if backends.C is not None:  # importing avmt._C (in avmt.backends) registered torch.ops.avmt.*
 
     @torch.library.register_fake("avmt::sample_negatives")
-    def _(anchors, pool, k, mode, trim, anchor_index, anchor_group, pool_group, seed):  # noqa: ANN001
+    def _(anchors, pool, k, mode, trim, anchor_index, anchor_group, pool_group, seed):
         torch._check(anchors.shape[1] == pool.shape[1])
         return anchors.new_empty((anchors.shape[0], k), dtype=torch.long)
 
@@ -116,9 +123,17 @@ def _seed(generator: torch.Generator | None) -> int:
 
 
 def sample_negatives(
-    anchors: Tensor, pool: Tensor, k: int, *, mode: Mode = "similar", trim: float = 0.025,
-    anchor_index: Tensor | None = None, group: Tensor | None = None, anchor_group: Tensor | None = None,
-    generator: torch.Generator | None = None, backend: Backend = "auto",
+    anchors: Tensor,
+    pool: Tensor,
+    k: int,
+    *,
+    mode: Mode = "similar",
+    trim: float = 0.025,
+    anchor_index: Tensor | None = None,
+    group: Tensor | None = None,
+    anchor_group: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """Draw ``k`` negatives per anchor from ``pool``; returns int64 ``[Na, k]`` pool indices (``-1`` = none left).
 
@@ -157,7 +172,7 @@ def sample_negatives(
     return torch.ops.avmt.sample_negatives(*args)
 
 
-def _validate(anchors, pool, k, mode, trim, anchor_index, group, anchor_group) -> None:  # noqa: ANN001
+def _validate(anchors, pool, k, mode, trim, anchor_index, group, anchor_group) -> None:
     if not isinstance(anchors, Tensor) or not isinstance(pool, Tensor):
         raise TypeError("anchors and pool must be tensors")
     if anchors.dim() != 2 or pool.dim() != 2:
@@ -176,11 +191,17 @@ def _validate(anchors, pool, k, mode, trim, anchor_index, group, anchor_group) -
         raise ValueError(f"mode={mode!r} is invalid: expected one of {', '.join(MODES)}")
     if not 0 <= trim < 0.5:
         raise ValueError(f"trim={trim!r} is invalid: expected a fraction in [0, 0.5)")
-    for name, t, n in (("anchor_index", anchor_index, anchors.shape[0]), ("group", group, pool.shape[0]), ("anchor_group", anchor_group, anchors.shape[0])):
+    for name, t, n in (
+        ("anchor_index", anchor_index, anchors.shape[0]),
+        ("group", group, pool.shape[0]),
+        ("anchor_group", anchor_group, anchors.shape[0]),
+    ):
         if t is None:
             continue
         if t.dtype != torch.long or t.shape != (n,) or t.device != anchors.device:
-            raise ValueError(f"{name} must be an int64 tensor of shape [{n}] on {anchors.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+            raise ValueError(
+                f"{name} must be an int64 tensor of shape [{n}] on {anchors.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
     if mode == "sequence":
         if group is None:
             raise ValueError("mode='sequence' needs group (the sequence id of every pool row)")
@@ -188,7 +209,7 @@ def _validate(anchors, pool, k, mode, trim, anchor_index, group, anchor_group) -
             raise ValueError("mode='sequence' needs anchor_group, or anchor_index of every anchor to read it from group")
 
 
-def _validate_values(anchors, pool, mode, anchor_index, anchor_group) -> None:  # noqa: ANN001
+def _validate_values(anchors, pool, mode, anchor_index, anchor_group) -> None:
     """The checks that read tensor values: run for CPU tensors only (each is a device sync on a GPU)."""
     if mode in ("similar", "dissimilar") and not (torch.isfinite(anchors).all() and torch.isfinite(pool).all()):
         raise ValueError("anchors or pool hold NaN/inf: distances would be meaningless")

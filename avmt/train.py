@@ -11,21 +11,21 @@ Read top to bottom: set-up, data, model + objectives, optimizer + schedule, resu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from avmt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from avmt.config import Config, ConfigError, DataConfig, TrainConfig, add_config_arguments, config_from_args, load_config
+from avmt.config import Config, ConfigError, DataConfig, TrainConfig, add_config_arguments, config_from_args
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
 
@@ -34,9 +34,7 @@ class TrainingError(RuntimeError):
     """The run cannot start or cannot go on; the message says why."""
 
 
-# The summary averages the last 100 steps: over 20 steps of batch 8 (160 pairs) CPP was noisy (a run's last 20
-# steps read 0.81, its last 100 0.88).
-SUMMARY_STEPS = 100
+SUMMARY_STEPS = 100  # the summary's window: 20 steps were too few pairs for a stable CPP (docs/experiments.md)
 
 
 def cache_dir() -> Path:
@@ -49,14 +47,21 @@ def synthetic_manifest(data: DataConfig, count: int = 120, progress: bool = True
     from avmt.data.synth import SYNTH_VERSION, SynthSpec, generate
 
     size = max(64, data.scale_range[1] + data.scale_range[1] % 2)  # no upscaling for the largest train scale
-    spec = SynthSpec(seconds=data.window_seconds + 4, size=size, fps=max(8, int(math.ceil(data.fps))),
-                     sample_rate=data.sample_rate, num_classes=8)
+    spec = SynthSpec(
+        seconds=data.window_seconds + 4, size=size, fps=max(8, int(math.ceil(data.fps))), sample_rate=data.sample_rate, num_classes=8
+    )
     root = cache_dir() / f"synth{SYNTH_VERSION}-{spec.seconds:g}s-{spec.size}px-{spec.fps}fps-{spec.sample_rate}hz-{count}"
     manifest = root / "prepared" / "manifest.jsonl"
     if not manifest.exists():
         generate(root / "videos", count, spec, workers=os.cpu_count() or 1, progress=progress)
-        prepare(scan_csv(root / "videos" / "labels.csv"), root / "prepared", sample_rate=data.sample_rate,
-                min_seconds=data.clip_seconds, workers=os.cpu_count() or 1, progress=progress)
+        prepare(
+            scan_csv(root / "videos" / "labels.csv"),
+            root / "prepared",
+            sample_rate=data.sample_rate,
+            min_seconds=data.clip_seconds,
+            workers=os.cpu_count() or 1,
+            progress=progress,
+        )
     return manifest
 
 
@@ -69,7 +74,7 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
-    """The paper's optimizer (SPEC §6): AdamW, with AMSGrad when ``train.amsgrad`` (then 3 state buffers per parameter)."""
+    """The paper's optimizer (docs/method.md §6): AdamW, with AMSGrad when ``train.amsgrad`` (then 3 state buffers per parameter)."""
     return torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
 
 
@@ -119,8 +124,9 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
         if not is_main:
             manifest = synthetic_manifest(cfg.data, progress=False)
     try:  # data.loader: the CPU (PyAV) loader, or DALI (avmt.data.loader); both resume mid-epoch with iterate(k)
-        loader = build_loader(manifest, cfg.data, tc.batch_size, train=True, device=device, seed=tc.seed,
-                              shard_id=rank, num_shards=world, drop_last=True)
+        loader = build_loader(
+            manifest, cfg.data, tc.batch_size, train=True, device=device, seed=tc.seed, shard_id=rank, num_shards=world, drop_last=True
+        )
     except LoaderError as e:
         raise TrainingError(str(e)) from None
     if len(loader) == 0:
@@ -160,11 +166,22 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
             dist.all_gather(rngs, gen.get_state())
         if not is_main:
             return run_dir
-        return save_checkpoint(run_dir, step, pre, {
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "nonfinite_total": nonfinite_total, "torch_rng": torch.get_rng_state(),
-            "objective_rng": rngs, "config": cfg.to_dict(),
-        })
+        return save_checkpoint(
+            run_dir,
+            step,
+            pre,
+            {
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "nonfinite_total": nonfinite_total,
+                "torch_rng": torch.get_rng_state(),
+                "objective_rng": rngs,
+                "config": cfg.to_dict(),
+            },
+        )
 
     # -- logging ----------------------------------------------------------------------------------------------------
     writer = log_file = bar = None
@@ -236,8 +253,14 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
             t_total += now - tick
             tick = now
             if is_main:
-                record = {"step": step, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **metrics_sum,
-                          "nonfinite_skipped": nonfinite_total, "epoch": epoch}
+                record = {
+                    "step": step,
+                    "lr": sched.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    **metrics_sum,
+                    "nonfinite_skipped": nonfinite_total,
+                    "epoch": epoch,
+                }
                 history.append(record)
                 log_file.write(json.dumps(record) + "\n")
                 if step % tc.log_every == 0 or step == tc.max_steps:
@@ -246,9 +269,13 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
                         if k != "step":
                             writer.add_scalar(k, v, step)
                     seqs = tc.batch_size * tc.grad_accum * world
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", mep=f"{record.get('mep_multimodal_acc', record.get('mep_visual_acc', 0)):.2f}",
-                                    cpp=f"{record['cpp_acc']:.2f}", seq_s=f"{seqs * step / max(t_total, 1e-9):.1f}",
-                                    data=f"{t_data / max(t_total, 1e-9):.0%}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        mep=f"{record.get('mep_multimodal_acc', record.get('mep_visual_acc', 0)):.2f}",
+                        cpp=f"{record['cpp_acc']:.2f}",
+                        seq_s=f"{seqs * step / max(t_total, 1e-9):.1f}",
+                        data=f"{t_data / max(t_total, 1e-9):.0%}",
+                    )
                 bar.update(1)
             if step % tc.save_every == 0:
                 save()

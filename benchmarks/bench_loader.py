@@ -70,11 +70,21 @@ def main() -> None:
         timed += 1
     dt = time.perf_counter() - t_start
     result = {
-        "bench": "cpu_loader", "sequences_per_s": round(n_seq / dt, 3), "seconds_per_sequence": round(dt / n_seq, 3),
-        "sequences": n_seq, "batch_size": a.batch_size, "workers": a.workers, "shape_video": [15, 3, 32, 112, 112],
-        "shape_audio": [15, 1, 80, 128], "source": "synthetic H.264/AAC 256x256 25 fps 44.1 kHz", "quick": a.quick,
-        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "bench": "cpu_loader",
+        "sequences_per_s": round(n_seq / dt, 3),
+        "seconds_per_sequence": round(dt / n_seq, 3),
+        "sequences": n_seq,
+        "batch_size": a.batch_size,
+        "workers": a.workers,
+        "shape_video": [15, 3, 32, 112, 112],
+        "shape_audio": [15, 1, 80, 128],
+        "source": "synthetic H.264/AAC 256x256 25 fps 44.1 kHz",
+        "quick": a.quick,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
     }
     print(json.dumps(result))
     if a.json:

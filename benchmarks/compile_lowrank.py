@@ -24,12 +24,12 @@ import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # must be off before triton is imported: the interpreter cannot compile
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.compiler import compile as triton_compile  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler import compile as triton_compile
 
-import avmt.kernels.lowrank_linear as kl  # noqa: E402
+import avmt.kernels.lowrank_linear as kl
 
 PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 WEIGHTS = {f"{k}{i}": "*fp32" for k in "vrub" for i in range(3)}  # fp32 parameters, cast on load (autocast)
@@ -42,20 +42,43 @@ def _jobs(dt: str) -> list[tuple[str, object, dict[str, str], dict[str, object],
     bbt, bbo, bbm, bbn = kl._bwd_block_sizes(768, 768, 128, _Cuda())
     jobs = []
     for gelu in (False, True):
-        jobs.append((f"fwd gelu={int(gelu)}", kl._lowrank_fwd_kernel,
-                     dict(x_ptr=c, y_ptr=c, z_ptr="*fp32", n_ptr="*fp32", table_ptr="*i32", **WEIGHTS),
-                     dict(GELU=gelu, IEEE=ieee, BT=bt, BK=bk, BO=bo, BM=bm), 8))
+        jobs.append(
+            (
+                f"fwd gelu={int(gelu)}",
+                kl._lowrank_fwd_kernel,
+                dict(x_ptr=c, y_ptr=c, z_ptr="*fp32", n_ptr="*fp32", table_ptr="*i32", **WEIGHTS),
+                dict(GELU=gelu, IEEE=ieee, BT=bt, BK=bk, BO=bo, BM=bm),
+                8,
+            )
+        )
         for fuse in (True, False):
-            jobs.append((f"bwd_dx gelu={int(gelu)} fuse_dx={int(fuse)}", kl._lowrank_bwd_dx_kernel,
-                         dict(dy_ptr=c, z_ptr="*fp32", n_ptr="*fp32", dx_ptr=c, w_ptr=c, dw_ptr=c, dq_ptr=c,
-                              table_ptr="*i32", **WEIGHTS),
-                         dict(GELU=gelu, IEEE=ieee, FUSE_DX=fuse, BT=bbt, BO=bbo, BM=bbm, BN=bbn), 8))
-        jobs.append((f"bwd_du gelu={int(gelu)}", kl._lowrank_bwd_du_kernel,
-                     dict(dy_ptr=c, w_ptr=c, du_ptr="*fp32", db_ptr="*fp32", **WEIGHTS),
-                     dict(GELU=gelu, IEEE=ieee, BT=bbt, BO=bbo, BM=bbm), 8))
-    jobs.append(("bwd_dxsum P=3", kl._lowrank_bwd_dxsum_kernel,
-                 dict(dq_ptr=c, dx_ptr=c, table_ptr="*i32", **WEIGHTS),
-                 dict(P=3, IEEE=ieee, BT=bbt, BO=bbo, BN=min(bbn, 32)), 4))
+            jobs.append(
+                (
+                    f"bwd_dx gelu={int(gelu)} fuse_dx={int(fuse)}",
+                    kl._lowrank_bwd_dx_kernel,
+                    dict(dy_ptr=c, z_ptr="*fp32", n_ptr="*fp32", dx_ptr=c, w_ptr=c, dw_ptr=c, dq_ptr=c, table_ptr="*i32", **WEIGHTS),
+                    dict(GELU=gelu, IEEE=ieee, FUSE_DX=fuse, BT=bbt, BO=bbo, BM=bbm, BN=bbn),
+                    8,
+                )
+            )
+        jobs.append(
+            (
+                f"bwd_du gelu={int(gelu)}",
+                kl._lowrank_bwd_du_kernel,
+                dict(dy_ptr=c, w_ptr=c, du_ptr="*fp32", db_ptr="*fp32", **WEIGHTS),
+                dict(GELU=gelu, IEEE=ieee, BT=bbt, BO=bbo, BM=bbm),
+                8,
+            )
+        )
+    jobs.append(
+        (
+            "bwd_dxsum P=3",
+            kl._lowrank_bwd_dxsum_kernel,
+            dict(dq_ptr=c, dx_ptr=c, table_ptr="*i32", **WEIGHTS),
+            dict(P=3, IEEE=ieee, BT=bbt, BO=bbo, BN=min(bbn, 32)),
+            4,
+        )
+    )
     return jobs
 
 
@@ -88,18 +111,30 @@ def main() -> None:
             sig = {a: "constexpr" if a in consts else ptrs.get(a, "fp32" if a == "eps" else "i32") for a in fn.arg_names}
             t0 = time.time()
             k = triton_compile(ASTSource(fn, sig, constexprs=consts), target=target, options={"num_warps": warps})
-            row = dict(kernel=name, dtype=dt, num_warps=warps, shared_bytes=k.metadata.shared,
-                       **_resource_usage(k.asm["cubin"]), compile_s=round(time.time() - t0, 1))
+            row = dict(
+                kernel=name,
+                dtype=dt,
+                num_warps=warps,
+                shared_bytes=k.metadata.shared,
+                **_resource_usage(k.asm["cubin"]),
+                compile_s=round(time.time() - t0, 1),
+            )
             rows.append(row)
-            print(f"{dt:5s} {name:32s} regs {row['reg']:3d}  stack {row['stack']:6d} B  shared {row['shared_bytes']:7d} B",
-                  flush=True)
+            print(f"{dt:5s} {name:32s} regs {row['reg']:3d}  stack {row['stack']:6d} B  shared {row['shared_bytes']:7d} B", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(
-                what="Triton kernels compiled for a GPU target without a GPU (nothing was run)",
-                target=f"sm_{args.arch}", triton=triton.__version__, date=datetime.date.today().isoformat(),
-                command=" ".join([os.path.basename(sys.executable), *sys.argv]), kernels=rows,
-            ), f, indent=1)
+            json.dump(
+                dict(
+                    what="Triton kernels compiled for a GPU target without a GPU (nothing was run)",
+                    target=f"sm_{args.arch}",
+                    triton=triton.__version__,
+                    date=datetime.date.today().isoformat(),
+                    command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+                    kernels=rows,
+                ),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

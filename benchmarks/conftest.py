@@ -38,7 +38,7 @@ def summary_line():
     return _SUMMARY.append
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if _SUMMARY:
         terminalreporter.section("avmt benchmark results")
         for line in _SUMMARY:
@@ -57,12 +57,12 @@ def device_description() -> str:
     return f"cpu: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def pytest_benchmark_update_json(config, benchmarks, output_json) -> None:  # noqa: ARG001
+def pytest_benchmark_update_json(config, benchmarks, output_json) -> None:
     try:
         import triton
 
         triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - not installed, or broken: either way not used
+    except Exception:
         triton_version = None
     output_json["avmt"] = {
         "device": device_description(),

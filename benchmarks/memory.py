@@ -6,7 +6,7 @@ import ctypes
 import ctypes.util
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

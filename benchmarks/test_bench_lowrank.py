@@ -1,4 +1,4 @@
-"""Low-rank map ``act(U·R_m·normalize(V_mᵀx)+b)`` (SPEC §2): fused Triton kernel vs the eager PyTorch reference vs
+"""Low-rank map ``act(U·R_m·normalize(V_mᵀx)+b)`` (docs/method.md §2): fused Triton kernel vs the eager PyTorch reference vs
 ``torch.compile(mode="max-autotune")`` of the reference; forward and forward+backward; time and achieved GB/s.
 Forward+backward of the Triton forward runs twice: with the Triton backward (``triton``) and with the fp32
 torch-matmul backward (``triton-torchbwd``), so the two backward paths are timed side by side.
@@ -48,8 +48,10 @@ def test_lowrank_map(benchmark, full, impl, backward, case):
         pytest.skip("the full sweep needs a CUDA device")
     if impl == "triton-torchbwd" and not backward:
         pytest.skip("the forward of triton-torchbwd is the triton forward; only forward+backward differs")
-    if impl.startswith("triton") and select_lowrank(DEVICE, "auto") != "triton" and not (
-        DEVICE == "cpu" and lowrank_status("cpu")["triton"][0]
+    if (
+        impl.startswith("triton")
+        and select_lowrank(DEVICE, "auto") != "triton"
+        and not (DEVICE == "cpu" and lowrank_status("cpu")["triton"][0])
     ):
         pytest.skip(f"Triton cannot run here: {lowrank_status(DEVICE)['triton'][1]}")
     if impl == "compiled" and DEVICE != "cuda":
@@ -57,8 +59,16 @@ def test_lowrank_map(benchmark, full, impl, backward, case):
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     o, groups, group = 128, 3, 2
     torch.manual_seed(0)
-    lin = LowRankLinear(n, m, o, groups, init_std=0.02, eps=1e-6, kernel="triton" if impl.startswith("triton") else "reference",
-                        kernel_backward="torch" if impl == "triton-torchbwd" else "triton")
+    lin = LowRankLinear(
+        n,
+        m,
+        o,
+        groups,
+        init_std=0.02,
+        eps=1e-6,
+        kernel="triton" if impl.startswith("triton") else "reference",
+        kernel_backward="torch" if impl == "triton-torchbwd" else "triton",
+    )
     lin = lin.to(DEVICE)  # fp32 parameters; bf16 compute through autocast, as mixed-precision training runs it
     x = torch.randn(tokens, n, device=DEVICE, dtype=dtype, requires_grad=backward)
     dy = torch.randn(tokens, m, device=DEVICE, dtype=dtype)
@@ -111,8 +121,17 @@ def test_lowrank_map(benchmark, full, impl, backward, case):
     mean = benchmark.stats.stats.mean if benchmark.stats is not None else float("nan")
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        impl=impl, tokens=tokens, n=n, m=m, o=o, gelu=gelu, dtype=str(dtype), backward=backward,
-        min_bytes=moved, gb_per_s=moved / mean / 1e9 if mean == mean and mean > 0 else None,
-        torch=torch.__version__, interpreter=DEVICE == "cpu" and impl.startswith("triton"),
+        impl=impl,
+        tokens=tokens,
+        n=n,
+        m=m,
+        o=o,
+        gelu=gelu,
+        dtype=str(dtype),
+        backward=backward,
+        min_bytes=moved,
+        gb_per_s=moved / mean / 1e9 if mean == mean and mean > 0 else None,
+        torch=torch.__version__,
+        interpreter=DEVICE == "cpu" and impl.startswith("triton"),
         triton_backward=None if not impl.startswith("triton") else lin.kernel_backward,
     )

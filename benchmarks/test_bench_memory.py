@@ -1,4 +1,4 @@
-"""Memory of one training step per parameter-sharing scheme (issue #7): weights, gradients, AdamW+AMSGrad state
+"""Memory of one training step per parameter-sharing scheme: weights, gradients, AdamW+AMSGrad state
 and activations, for the Transformer part alone and for the whole model with its CNNs (avmt.bench.memory).
 
 Quick mode (CI, ~20 s): the paper preset's Transformer part under FakeTensorMode (no memory, no compute) for the
@@ -39,7 +39,7 @@ FULL_VARIANTS = {  # name: overrides of the paper preset, one axis at a time
 MiB = 2**20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cfg(preset: str, variant: str, scheme: str):
     overrides = FULL_VARIANTS[variant] if preset == "paper" else ()
     return load_config(preset, overrides=[*overrides, f"model.sharing={scheme}", "model.kernel=reference"])
@@ -93,7 +93,8 @@ def test_transformer_state_ratio(summary_line):
     summary_line(
         f"paper preset, Transformer part: weights+grads+AdamW(amsgrad) state none {rs['none'].train_state('transformer') / MiB:,.1f} MiB, "
         f"lowrank {rs['lowrank'].train_state('transformer') / MiB:,.1f} MiB: {ratio:.2f}x smaller (parameter ratio {param_ratio:.2f}x); "
-        f"activations (batch {BATCH}, T=15) none {rs['none'].activation_bytes / MiB:,.1f} MiB, lowrank {rs['lowrank'].activation_bytes / MiB:,.1f} MiB"
+        f"activations (batch {BATCH}, T=15) none {rs['none'].activation_bytes / MiB:,.1f} MiB, "
+        f"lowrank {rs['lowrank'].activation_bytes / MiB:,.1f} MiB"
     )
     assert ratio >= 30
     assert ratio == pytest.approx(param_ratio, rel=1e-12)  # every byte of the state is per-parameter fp32
@@ -163,7 +164,13 @@ def test_memory_transformer_paper_real(benchmark, full, scheme):
     _full_only(full)
     r = _run_memory(benchmark, "paper", "paper", scheme, scope="transformer", mode="real", batch=BATCH)
     fake = _measure("paper", "paper", scheme, scope="transformer", mode="fake", batch=BATCH)
-    assert (r.weights, r.grads, r.optimizer, r.activations, r.inputs) == (fake.weights, fake.grads, fake.optimizer, fake.activations, fake.inputs)
+    assert (r.weights, r.grads, r.optimizer, r.activations, r.inputs) == (
+        fake.weights,
+        fake.grads,
+        fake.optimizer,
+        fake.activations,
+        fake.inputs,
+    )
 
 
 @pytest.mark.parametrize("scheme", ["none", "lowrank"])
@@ -172,7 +179,13 @@ def test_memory_model_paper_real_small_batch(benchmark, full, scheme):
     _full_only(full)
     r = _run_memory(benchmark, "paper", "paper", scheme, scope="model", mode="real", batch=1, clips=2)
     fake = _measure("paper", "paper", scheme, scope="model", mode="fake", batch=1, clips=2)
-    assert (r.weights, r.grads, r.optimizer, r.activations, r.inputs) == (fake.weights, fake.grads, fake.optimizer, fake.activations, fake.inputs)
+    assert (r.weights, r.grads, r.optimizer, r.activations, r.inputs) == (
+        fake.weights,
+        fake.grads,
+        fake.optimizer,
+        fake.activations,
+        fake.inputs,
+    )
 
 
 # -- GPU ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Negative sampling (SPEC §4): the compiled op vs the PyTorch reference, time and peak extra memory.
+"""Negative sampling (docs/method.md §4): the compiled op vs the PyTorch reference, time and peak extra memory.
 
 Sweep (full): Np in {1K, 4K, 16K, 64K}, D = 768, k = 32, Na = 15% of Np, mode `similar`. On CPU the reference
 is skipped above 16K: its [Na, Np] float64 intermediates alone would need > 20 GB at 64K.
@@ -11,7 +11,7 @@ import torch
 
 from avmt.backends import select_sampling
 from avmt.sampling import sample_negatives
-from memory import peak_extra_memory
+from benchmarks.memory import peak_extra_memory
 
 FULL_POOLS = [1024, 4096, 16384, 65536]
 QUICK_POOLS = [1024]
@@ -45,7 +45,12 @@ def test_sample_negatives(benchmark, full, np_, device, backend):
     assert out.shape == (na, k) and (out >= 0).all() and not (out == anchor_index[:, None]).any()
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        backend=backend, np=np_, na=na, d=d, k=k, peak_extra_bytes=peak_extra_memory(run, torch.device(device)),
+        backend=backend,
+        np=np_,
+        na=na,
+        d=d,
+        k=k,
+        peak_extra_bytes=peak_extra_memory(run, torch.device(device)),
         torch=torch.__version__,
     )
     benchmark.pedantic(run, rounds=5 if full else 1, iterations=1, warmup_rounds=0)

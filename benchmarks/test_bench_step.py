@@ -1,4 +1,4 @@
-"""Training-step time per parameter-sharing scheme (issue #7), and the largest batch that fits on a GPU.
+"""Training-step time per parameter-sharing scheme, and the largest batch that fits on a GPU.
 
 A step is what ``avmt.train`` runs per batch: ``Pretraining`` forward (MEP + CPP, content-aware negatives),
 backward, ``AdamW(amsgrad=True).step()``, ``zero_grad``; random clips of the preset's shape (no data loading).
@@ -52,9 +52,18 @@ def test_train_step(benchmark, full, preset, scheme):
     assert all(not torch.equal(b, p.detach()) for b, p in zip(before, model.layers.parameters()))
     mean = benchmark.stats.stats.mean if benchmark.stats is not None else float("nan")
     benchmark.extra_info.update(
-        kind="step", preset=preset, sharing=scheme, batch=batch, clips=d.num_clips, device=DEVICE,
-        precision="bf16" if bf16 else "fp32", threads=torch.get_num_threads(), cpus=os.cpu_count(), loadavg=os.getloadavg()[0],
-        transformer_params=count_parts(model)["transformer"], sequences_per_s=batch / mean if mean == mean and mean > 0 else None,
+        kind="step",
+        preset=preset,
+        sharing=scheme,
+        batch=batch,
+        clips=d.num_clips,
+        device=DEVICE,
+        precision="bf16" if bf16 else "fp32",
+        threads=torch.get_num_threads(),
+        cpus=os.cpu_count(),
+        loadavg=os.getloadavg()[0],
+        transformer_params=count_parts(model)["transformer"],
+        sequences_per_s=batch / mean if mean == mean and mean > 0 else None,
     )
 
 
@@ -65,10 +74,19 @@ def test_largest_batch(benchmark, scheme, summary_line):
     """Paper preset, 30 s sequences (T=15), bf16 autocast: the largest batch whose training step fits the GPU."""
     cfg = load_config("paper", overrides=[f"model.sharing={scheme}"])
     assert cfg.data.num_clips == 15
-    best, trials = benchmark.pedantic(lambda: largest_fitting_batch(lambda b: training_step_fits(cfg, b), start=4, limit=4096),
-                                      rounds=1, iterations=1)
+    best, trials = benchmark.pedantic(
+        lambda: largest_fitting_batch(lambda b: training_step_fits(cfg, b), start=4, limit=4096), rounds=1, iterations=1
+    )
     assert best >= 1, f"not even batch 1 fits: {trials}"
     assert training_step_fits(cfg, best), f"batch {best} fitted during the search but not when run again: {trials}"
     summary_line(f"largest batch, paper preset, T=15, sharing={scheme}: {best} ({torch.cuda.get_device_name()}; tries {trials})")
-    benchmark.extra_info.update(kind="largest_batch", preset="paper", sharing=scheme, clips=15, largest_batch=best, trials=trials,
-                                device=torch.cuda.get_device_name(), memory_bytes=torch.cuda.get_device_properties(0).total_memory)
+    benchmark.extra_info.update(
+        kind="largest_batch",
+        preset="paper",
+        sharing=scheme,
+        clips=15,
+        largest_batch=best,
+        trials=trials,
+        device=torch.cuda.get_device_name(),
+        memory_bytes=torch.cuda.get_device_properties(0).total_memory,
+    )

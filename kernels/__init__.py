@@ -40,8 +40,17 @@ def lowrank_reference(x: Tensor, V: Tensor, R: Tensor, U: Tensor, b: Tensor, *, 
 
 
 def lowrank_maps(
-    x: Tensor, Vs: Sequence[Tensor], Rs: Sequence[Tensor], Us: Sequence[Tensor], bs: Sequence[Tensor], *, group: int,
-    gelu: bool = False, eps: float = 1e-6, kernel: str = "auto", backward: Backward = "triton",
+    x: Tensor,
+    Vs: Sequence[Tensor],
+    Rs: Sequence[Tensor],
+    Us: Sequence[Tensor],
+    bs: Sequence[Tensor],
+    *,
+    group: int,
+    gelu: bool = False,
+    eps: float = 1e-6,
+    kernel: str = "auto",
+    backward: Backward = "triton",
 ) -> list[Tensor]:
     """``P`` (1 to 3) low-rank maps of the same ``x`` for modality ``group``; returns ``P`` tensors ``[..., M]``.
 

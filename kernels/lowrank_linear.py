@@ -1,4 +1,4 @@
-"""Fused low-rank map ``y = act(U · R_m · normalize(V_mᵀ x) + b)`` (SPEC §2) in Triton, forward and backward.
+"""Fused low-rank map ``y = act(U · R_m · normalize(V_mᵀ x) + b)`` (docs/method.md §2) in Triton, forward and backward.
 
 One forward launch covers:
 
@@ -58,11 +58,12 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from avmt.kernels import BACKWARDS, Backward
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 from triton.runtime.jit import JITFunction
+
+from avmt.kernels import BACKWARDS, Backward
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 MAX_MAPS = 3  # pointer slots of the kernels: Q, K, V
@@ -123,19 +124,53 @@ def _gelu_grad_tl(pre):
 
 @triton.jit
 def _lowrank_fwd_kernel(
-    x_ptr, v0, v1, v2, r0, r1, r2, u0, u1, u2, b0, b1, b2, y_ptr, z_ptr, n_ptr, table_ptr,
-    T, N, M, O, eps,
-    s_xt, s_xn,
-    s_vg, s_vn, s_vo,
-    s_rg, s_ri, s_rj,
-    s_um, s_uo,
+    x_ptr,
+    v0,
+    v1,
+    v2,
+    r0,
+    r1,
+    r2,
+    u0,
+    u1,
+    u2,
+    b0,
+    b1,
+    b2,
+    y_ptr,
+    z_ptr,
+    n_ptr,
+    table_ptr,
+    T,
+    N,
+    M,
+    O,
+    eps,
+    s_xt,
+    s_xn,
+    s_vg,
+    s_vn,
+    s_vo,
+    s_rg,
+    s_ri,
+    s_rj,
+    s_um,
+    s_uo,
     s_bm,
-    s_yp, s_yt, s_ym,
-    s_zp, s_zt, s_zo,
+    s_yp,
+    s_yt,
+    s_ym,
+    s_zp,
+    s_zt,
+    s_zo,
     s_np,
     M_PER,
-    GELU: tl.constexpr, IEEE: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr,
+    GELU: tl.constexpr,
+    IEEE: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BO: tl.constexpr,
+    BM: tl.constexpr,
 ):
     blk = tl.program_id(0)
     p = tl.program_id(1).to(tl.int64)
@@ -182,26 +217,66 @@ def _lowrank_fwd_kernel(
         y = y + bias[None, :]
         if GELU:  # exact (erf) GELU, as the reference F.gelu
             y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-        tl.store(y_ptr + p * s_yp + rows[:, None] * s_yt + ms[None, :] * s_ym, y.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & mmask[None, :])
+        tl.store(
+            y_ptr + p * s_yp + rows[:, None] * s_yt + ms[None, :] * s_ym, y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & mmask[None, :]
+        )
 
 
 @triton.jit
 def _lowrank_bwd_dx_kernel(
-    dy_ptr, z_ptr, n_ptr, v0, v1, v2, r0, r1, r2, u0, u1, u2, b0, b1, b2,
-    dx_ptr, w_ptr, dw_ptr, dq_ptr, table_ptr,
-    T, N, M, O, eps,
-    s_dyp, s_dyt, s_dym,
-    s_zp, s_zt, s_zo,
+    dy_ptr,
+    z_ptr,
+    n_ptr,
+    v0,
+    v1,
+    v2,
+    r0,
+    r1,
+    r2,
+    u0,
+    u1,
+    u2,
+    b0,
+    b1,
+    b2,
+    dx_ptr,
+    w_ptr,
+    dw_ptr,
+    dq_ptr,
+    table_ptr,
+    T,
+    N,
+    M,
+    O,
+    eps,
+    s_dyp,
+    s_dyt,
+    s_dym,
+    s_zp,
+    s_zt,
+    s_zo,
     s_np,
-    s_vg, s_vn, s_vo,
-    s_rg, s_ri, s_rj,
-    s_um, s_uo,
+    s_vg,
+    s_vn,
+    s_vo,
+    s_rg,
+    s_ri,
+    s_rj,
+    s_um,
+    s_uo,
     s_bm,
-    s_dxt, s_dxn,
-    s_wp, s_wt, s_wo,  # w, dw and dq share one [P, T, O] layout
-    GELU: tl.constexpr, IEEE: tl.constexpr, FUSE_DX: tl.constexpr,
-    BT: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    s_dxt,
+    s_dxn,
+    s_wp,
+    s_wt,
+    s_wo,  # w, dw and dq share one [P, T, O] layout
+    GELU: tl.constexpr,
+    IEEE: tl.constexpr,
+    FUSE_DX: tl.constexpr,
+    BT: tl.constexpr,
+    BO: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """One block of ``BT`` tokens of one segment, one map ``p``: dy -> (w, dw, dq) and, with ``FUSE_DX`` (a single
     map), dx = dq Vᵀ straight from the on-chip dq."""
@@ -222,8 +297,7 @@ def _lowrank_bwd_dx_kernel(
     z = tl.load(z_ptr + p * s_zp + rows[:, None] * s_zt + offs_o[None, :] * s_zo, mask=tile, other=0.0)
     nrm = tl.load(n_ptr + p * s_np + rows, mask=rmask, other=1.0)
     # R^T (rt[j, i] = R[i, j]): w = z R^T exactly as the forward computed it
-    rt = tl.load(r_base + offs_o[:, None] * s_rj + offs_o[None, :] * s_ri, mask=omask[:, None] & omask[None, :],
-                 other=0.0).to(tl.float32)
+    rt = tl.load(r_base + offs_o[:, None] * s_rj + offs_o[None, :] * s_ri, mask=omask[:, None] & omask[None, :], other=0.0).to(tl.float32)
     w = _rot(z, rt, IEEE).to(DT)
     tl.store(w_ptr + ro, w, mask=tile)  # for the dU reduction, in the dtype its dot consumes
 
@@ -232,10 +306,12 @@ def _lowrank_bwd_dx_kernel(
     for m0 in range(0, M, BM):
         ms = m0 + tl.arange(0, BM)
         mmask = ms < M
-        dyt = tl.load(dy_ptr + p * s_dyp + rows[:, None] * s_dyt + ms[None, :] * s_dym,
-                      mask=rmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)
-        ut = tl.load(u_base + offs_o[:, None] * s_uo + ms[None, :] * s_um, mask=omask[:, None] & mmask[None, :],
-                     other=0.0)  # [BO, BM] = U[ms, :]^T
+        dyt = tl.load(dy_ptr + p * s_dyp + rows[:, None] * s_dyt + ms[None, :] * s_dym, mask=rmask[:, None] & mmask[None, :], other=0.0).to(
+            tl.float32
+        )
+        ut = tl.load(
+            u_base + offs_o[:, None] * s_uo + ms[None, :] * s_um, mask=omask[:, None] & mmask[None, :], other=0.0
+        )  # [BO, BM] = U[ms, :]^T
         if GELU:  # recompute the pre-activation (O-deep) rather than store it (M-wide)
             bias = tl.load(b_base + ms * s_bm, mask=mmask, other=0.0).to(tl.float32)
             pre = _dot(w, ut, IEEE, DT) + bias[None, :]
@@ -247,8 +323,7 @@ def _lowrank_bwd_dx_kernel(
 
     # back through the rotation (dz = dw R) and normalize(): q = V^T x, z = q / max(||q||, eps)
     # R reloaded (an L2 hit) instead of keeping the O x O tile live in registers across the M loop
-    r = tl.load(r_base + offs_o[:, None] * s_ri + offs_o[None, :] * s_rj, mask=omask[:, None] & omask[None, :],
-                other=0.0).to(tl.float32)
+    r = tl.load(r_base + offs_o[:, None] * s_ri + offs_o[None, :] * s_rj, mask=omask[:, None] & omask[None, :], other=0.0).to(tl.float32)
     dz = _rot(dw, r, IEEE)
     clamped = nrm <= eps
     zdz = tl.sum(z * dz, axis=1)
@@ -260,21 +335,36 @@ def _lowrank_bwd_dx_kernel(
         for n0 in range(0, N, BN):
             ns = n0 + tl.arange(0, BN)
             nmask = ns < N
-            vt = tl.load(v_base + offs_o[:, None] * s_vo + ns[None, :] * s_vn, mask=omask[:, None] & nmask[None, :],
-                         other=0.0)  # [BO, BN] = V[ns, :]^T
+            vt = tl.load(
+                v_base + offs_o[:, None] * s_vo + ns[None, :] * s_vn, mask=omask[:, None] & nmask[None, :], other=0.0
+            )  # [BO, BN] = V[ns, :]^T
             dxt = _dot(dq, vt, IEEE, DT)
             tl.store(dx_ptr + rows[:, None] * s_dxt + ns[None, :] * s_dxn, dxt.to(DT), mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _lowrank_bwd_dxsum_kernel(
-    dq_ptr, v0, v1, v2, dx_ptr, table_ptr,
-    N, O,
-    s_wp, s_wt, s_wo,
-    s_vg, s_vn, s_vo,
-    s_dxt, s_dxn,
-    P: tl.constexpr, IEEE: tl.constexpr,
-    BT: tl.constexpr, BO: tl.constexpr, BN: tl.constexpr,
+    dq_ptr,
+    v0,
+    v1,
+    v2,
+    dx_ptr,
+    table_ptr,
+    N,
+    O,
+    s_wp,
+    s_wt,
+    s_wo,
+    s_vg,
+    s_vn,
+    s_vo,
+    s_dxt,
+    s_dxn,
+    P: tl.constexpr,
+    IEEE: tl.constexpr,
+    BT: tl.constexpr,
+    BO: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """``dx[rows, ns] = Σ_p dq_p V_p[m]ᵀ`` for several maps (Q, K, V) reading the same x: one token block by one
     ``BN`` slice of N per program. Splitting this from the dx kernel costs a reread of dq (O wide, just written,
@@ -293,8 +383,7 @@ def _lowrank_bwd_dxsum_kernel(
     acc = tl.zeros([BT, BN], dtype=tl.float32)
     for p in tl.static_range(P):  # small: a [BT, O] and an [O, BN] tile per map
         v_base = _pick(p, v0, v1, v2) + g * s_vg
-        dq = tl.load(dq_ptr + p * s_wp + rows[:, None] * s_wt + offs_o[None, :] * s_wo,
-                     mask=rmask[:, None] & omask[None, :], other=0.0)
+        dq = tl.load(dq_ptr + p * s_wp + rows[:, None] * s_wt + offs_o[None, :] * s_wo, mask=rmask[:, None] & omask[None, :], other=0.0)
         vt = tl.load(v_base + offs_o[:, None] * s_vo + ns[None, :] * s_vn, mask=omask[:, None] & nmask[None, :], other=0.0)
         acc += _dot(dq, vt, IEEE, DT)
     tl.store(dx_ptr + rows[:, None] * s_dxt + ns[None, :] * s_dxn, acc.to(DT), mask=rmask[:, None] & nmask[None, :])
@@ -302,16 +391,41 @@ def _lowrank_bwd_dxsum_kernel(
 
 @triton.jit
 def _lowrank_bwd_du_kernel(
-    dy_ptr, w_ptr, u0, u1, u2, b0, b1, b2, du_ptr, db_ptr,
-    T, M, O, CHUNK,
-    s_dyp, s_dyt, s_dym,
-    s_wp, s_wt, s_wo,
-    s_um, s_uo,
+    dy_ptr,
+    w_ptr,
+    u0,
+    u1,
+    u2,
+    b0,
+    b1,
+    b2,
+    du_ptr,
+    db_ptr,
+    T,
+    M,
+    O,
+    CHUNK,
+    s_dyp,
+    s_dyt,
+    s_dym,
+    s_wp,
+    s_wt,
+    s_wo,
+    s_um,
+    s_uo,
     s_bm,
-    s_dus, s_dup, s_dum, s_duo,
-    s_dbs, s_dbp, s_dbm,
-    GELU: tl.constexpr, IEEE: tl.constexpr,
-    BT: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr,
+    s_dus,
+    s_dup,
+    s_dum,
+    s_duo,
+    s_dbs,
+    s_dbp,
+    s_dbm,
+    GELU: tl.constexpr,
+    IEEE: tl.constexpr,
+    BT: tl.constexpr,
+    BO: tl.constexpr,
+    BM: tl.constexpr,
 ):
     """Partial ``dU[p, ms, :] = Σ_t dpre[t, ms]ᵀ w[t, :]`` and ``db[p, ms] = Σ_t dpre[t, ms]`` over one chunk of
     ``CHUNK`` tokens (a multiple of ``BT``); the caller sums the chunks (stage two)."""
@@ -333,10 +447,10 @@ def _lowrank_bwd_du_kernel(
     for t0 in range(s * CHUNK, tl.minimum(s * CHUNK + CHUNK, T), BT):
         rows = tl.arange(0, BT).to(tl.int64) + t0  # int64 offsets, as _block_row gives the other kernels
         rmask = rows < T
-        wt = tl.load(w_ptr + p * s_wp + rows[:, None] * s_wt + offs_o[None, :] * s_wo, mask=rmask[:, None] & omask[None, :],
-                     other=0.0)
-        dyt = tl.load(dy_ptr + p * s_dyp + rows[:, None] * s_dyt + ms[None, :] * s_dym, mask=rmask[:, None] & mmask[None, :],
-                      other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + p * s_wp + rows[:, None] * s_wt + offs_o[None, :] * s_wo, mask=rmask[:, None] & omask[None, :], other=0.0)
+        dyt = tl.load(dy_ptr + p * s_dyp + rows[:, None] * s_dyt + ms[None, :] * s_dym, mask=rmask[:, None] & mmask[None, :], other=0.0).to(
+            tl.float32
+        )
         if GELU:
             pre = _dot(wt, ut, IEEE, DT) + bias[None, :]
             dpre = dyt * _gelu_grad_tl(pre)  # masked rows: dy = 0, so dpre = 0
@@ -344,8 +458,7 @@ def _lowrank_bwd_du_kernel(
             dpre = dyt
         dbacc += tl.sum(dpre, axis=0)
         acc += _dot(tl.trans(dpre), wt, IEEE, DT)
-    tl.store(du_ptr + s * s_dus + p * s_dup + ms[:, None] * s_dum + offs_o[None, :] * s_duo, acc,
-             mask=mmask[:, None] & omask[None, :])
+    tl.store(du_ptr + s * s_dus + p * s_dup + ms[:, None] * s_dum + offs_o[None, :] * s_duo, acc, mask=mmask[:, None] & omask[None, :])
     tl.store(db_ptr + s * s_dbs + p * s_dbp + ms * s_dbm, dbacc, mask=mmask)
 
 
@@ -409,7 +522,7 @@ def _m_splits(programs: int, m: int, bm: int, device: torch.device) -> int:
     return max(1, min(slices, triton.cdiv(2 * _sm_count(device), max(1, programs))))
 
 
-def _launch(kernel):  # noqa: ANN001, ANN202
+def _launch(kernel):
     """The kernel behind ``wrap_triton`` (so torch.compile can trace the launch). Under TRITON_INTERPRET=1 Triton
     makes kernels ``InterpretedFunction``s, which torch 2.11's ``wrap_triton`` rejects (2.13 passes them through);
     those launch as they are: nothing traces the interpreter anyway."""
@@ -423,8 +536,18 @@ def _slots(ts: Sequence[Tensor]) -> list[Tensor]:
 
 @triton_op("avmt::lowrank_fused", mutates_args={})
 def _lowrank_fused(
-    x: Tensor, Vs: list[Tensor], Rs: list[Tensor], Us: list[Tensor], bs: list[Tensor], table: Tensor, table_bwd: Tensor,
-    seg_lens: list[int], seg_groups: list[int], gelu: bool, eps: float, triton_backward: bool,
+    x: Tensor,
+    Vs: list[Tensor],
+    Rs: list[Tensor],
+    Us: list[Tensor],
+    bs: list[Tensor],
+    table: Tensor,
+    table_bwd: Tensor,
+    seg_lens: list[int],
+    seg_groups: list[int],
+    gelu: bool,
+    eps: float,
+    triton_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x [T, N]; per map (P of them, P <= 3): V [G, N, O] (x's dtype or fp32), R [G, O, O] (any float, used in
     fp32), U [M, O] (x's dtype or fp32), b [M]; all maps' tensors of one kind share shape and strides;
@@ -445,18 +568,45 @@ def _lowrank_fused(
     splits = _m_splits(table.shape[0] * p, m, bm, x.device)
     m_per = triton.cdiv(triton.cdiv(m, bm), splits) * bm  # a whole number of BM slices per program
     _launch(_lowrank_fwd_kernel)[(table.shape[0], p, triton.cdiv(m, m_per))](
-        x, *V, *R, *U, *B, y, z, norm, table,
-        t, n, m, o, eps,
-        x.stride(0), x.stride(1),
-        V[0].stride(0), V[0].stride(1), V[0].stride(2),
-        R[0].stride(0), R[0].stride(1), R[0].stride(2),
-        U[0].stride(0), U[0].stride(1),
+        x,
+        *V,
+        *R,
+        *U,
+        *B,
+        y,
+        z,
+        norm,
+        table,
+        t,
+        n,
+        m,
+        o,
+        eps,
+        x.stride(0),
+        x.stride(1),
+        V[0].stride(0),
+        V[0].stride(1),
+        V[0].stride(2),
+        R[0].stride(0),
+        R[0].stride(1),
+        R[0].stride(2),
+        U[0].stride(0),
+        U[0].stride(1),
         B[0].stride(0),
-        y.stride(0), y.stride(1), y.stride(2),
-        z.stride(0), z.stride(1), z.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        z.stride(0),
+        z.stride(1),
+        z.stride(2),
         norm.stride(0),
         m_per,
-        GELU=gelu, IEEE=x.dtype == torch.float32, BT=bt, BK=bk, BO=bo, BM=bm,
+        GELU=gelu,
+        IEEE=x.dtype == torch.float32,
+        BT=bt,
+        BK=bk,
+        BO=bo,
+        BM=bm,
         # the [BT, O] fp32 tile and the O x O rotation are register-heavy at O=128: 8 warps spread them (unmeasured)
         num_warps=8 if bo >= 128 else 4,
     )
@@ -475,8 +625,18 @@ def _du_chunk(t: int, m: int, p: int, bt: int, bm: int, device: torch.device) ->
 
 @triton_op("avmt::lowrank_fused_bwd", mutates_args={})
 def _lowrank_fused_bwd(
-    dy: Tensor, z: Tensor, norm: Tensor, Vs: list[Tensor], Rs: list[Tensor], Us: list[Tensor], bs: list[Tensor],
-    table_bwd: Tensor, n: int, gelu: bool, eps: float, need_dx: bool,
+    dy: Tensor,
+    z: Tensor,
+    norm: Tensor,
+    Vs: list[Tensor],
+    Rs: list[Tensor],
+    Us: list[Tensor],
+    bs: list[Tensor],
+    table_bwd: Tensor,
+    n: int,
+    gelu: bool,
+    eps: float,
+    need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The Triton half of the backward. dy [P, T, M] (x's dtype); z [P, T, O], norm [P, T] fp32 (saved by the
     forward); weights as in :func:`_lowrank_fused`; n = N.
@@ -502,39 +662,110 @@ def _lowrank_fused_bwd(
     warps = 8 if bo >= 128 else 4
     fuse_dx = need_dx and p == 1
     _launch(_lowrank_bwd_dx_kernel)[(table_bwd.shape[0], p)](
-        dy, z, norm, *V, *R, *U, *B, dx, w, dw, dq, table_bwd,
-        t, n, m, o, eps,
-        dy.stride(0), dy.stride(1), dy.stride(2),
-        z.stride(0), z.stride(1), z.stride(2),
+        dy,
+        z,
+        norm,
+        *V,
+        *R,
+        *U,
+        *B,
+        dx,
+        w,
+        dw,
+        dq,
+        table_bwd,
+        t,
+        n,
+        m,
+        o,
+        eps,
+        dy.stride(0),
+        dy.stride(1),
+        dy.stride(2),
+        z.stride(0),
+        z.stride(1),
+        z.stride(2),
         norm.stride(0),
-        V[0].stride(0), V[0].stride(1), V[0].stride(2),
-        R[0].stride(0), R[0].stride(1), R[0].stride(2),
-        U[0].stride(0), U[0].stride(1),
+        V[0].stride(0),
+        V[0].stride(1),
+        V[0].stride(2),
+        R[0].stride(0),
+        R[0].stride(1),
+        R[0].stride(2),
+        U[0].stride(0),
+        U[0].stride(1),
         B[0].stride(0),
-        dx.stride(0), dx.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2),
-        GELU=gelu, IEEE=ieee, FUSE_DX=fuse_dx, BT=bt, BO=bo, BM=bm, BN=bn, num_warps=warps,
+        dx.stride(0),
+        dx.stride(1),
+        dw.stride(0),
+        dw.stride(1),
+        dw.stride(2),
+        GELU=gelu,
+        IEEE=ieee,
+        FUSE_DX=fuse_dx,
+        BT=bt,
+        BO=bo,
+        BM=bm,
+        BN=bn,
+        num_warps=warps,
     )
     if need_dx and not fuse_dx:  # several maps: sum their dq V^T in a second launch
         bn_sum = min(bn, 32)  # 32-wide N slices with 4 warps compile without spills on sm_90 (64 spilled)
         _launch(_lowrank_bwd_dxsum_kernel)[(table_bwd.shape[0], triton.cdiv(n, bn_sum))](
-            dq, *V, dx, table_bwd,
-            n, o,
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            V[0].stride(0), V[0].stride(1), V[0].stride(2),
-            dx.stride(0), dx.stride(1),
-            P=p, IEEE=ieee, BT=bt, BO=bo, BN=bn_sum, num_warps=4,
+            dq,
+            *V,
+            dx,
+            table_bwd,
+            n,
+            o,
+            dq.stride(0),
+            dq.stride(1),
+            dq.stride(2),
+            V[0].stride(0),
+            V[0].stride(1),
+            V[0].stride(2),
+            dx.stride(0),
+            dx.stride(1),
+            P=p,
+            IEEE=ieee,
+            BT=bt,
+            BO=bo,
+            BN=bn_sum,
+            num_warps=4,
         )
     _launch(_lowrank_bwd_du_kernel)[(triton.cdiv(m, bm), p, chunks)](
-        dy, w, *U, *B, dU_part, db_part,
-        t, m, o, chunk,
-        dy.stride(0), dy.stride(1), dy.stride(2),
-        w.stride(0), w.stride(1), w.stride(2),
-        U[0].stride(0), U[0].stride(1),
+        dy,
+        w,
+        *U,
+        *B,
+        dU_part,
+        db_part,
+        t,
+        m,
+        o,
+        chunk,
+        dy.stride(0),
+        dy.stride(1),
+        dy.stride(2),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        U[0].stride(0),
+        U[0].stride(1),
         B[0].stride(0),
-        dU_part.stride(0), dU_part.stride(1), dU_part.stride(2), dU_part.stride(3),
-        db_part.stride(0), db_part.stride(1), db_part.stride(2),
-        GELU=gelu, IEEE=ieee, BT=bt, BO=bo, BM=bm, num_warps=warps,
+        dU_part.stride(0),
+        dU_part.stride(1),
+        dU_part.stride(2),
+        dU_part.stride(3),
+        db_part.stride(0),
+        db_part.stride(1),
+        db_part.stride(2),
+        GELU=gelu,
+        IEEE=ieee,
+        BT=bt,
+        BO=bo,
+        BM=bm,
+        num_warps=warps,
     )
     return dx, w, dw, dq, dU_part.sum(0), db_part.sum(0)
 
@@ -546,7 +777,7 @@ def _gelu_grad(pre: Tensor) -> Tensor:
     return cdf + pre * pdf
 
 
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+def _setup_context(ctx, inputs, output) -> None:
     x, Vs, Rs, Us, bs, _table, table_bwd, seg_lens, seg_groups, gelu, eps, triton_backward = inputs
     _, z, norm = output
     p = len(Vs)
@@ -555,32 +786,51 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.triton_backward = triton_backward
 
 
-def _saved(ctx):  # noqa: ANN001, ANN202
+def _saved(ctx):
     x, table_bwd, z, norm, *rest = ctx.saved_tensors
     p = ctx.p
-    return x, table_bwd, z, norm, rest[:p], rest[p:2 * p], rest[2 * p:3 * p], rest[3 * p:]
+    return x, table_bwd, z, norm, rest[:p], rest[p : 2 * p], rest[2 * p : 3 * p], rest[3 * p :]
 
 
-def _grads(ctx, dx, dV, dR, dU, db, x, Vs, Rs, Us, bs):  # noqa: ANN001, ANN202
+def _grads(ctx, dx, dV, dR, dU, db, x, Vs, Rs, Us, bs):
     """The op's gradient tuple, each in its input's dtype (fp32 params under autocast get fp32 gradients)."""
     return (
         None if dx is None else dx.to(x.dtype),
-        [g.to(v.dtype) for g, v in zip(dV, Vs)], [g.to(r.dtype) for g, r in zip(dR, Rs)],
-        [g.to(u.dtype) for g, u in zip(dU, Us)], [g.to(b.dtype) for g, b in zip(db, bs)],
-        None, None, None, None, None, None, None,
+        [g.to(v.dtype) for g, v in zip(dV, Vs)],
+        [g.to(r.dtype) for g, r in zip(dR, Rs)],
+        [g.to(u.dtype) for g, u in zip(dU, Us)],
+        [g.to(b.dtype) for g, b in zip(db, bs)],
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
-def _backward(ctx, dy: Tensor, _dz: Tensor | None, _dnorm: Tensor | None):  # noqa: ANN001, ANN202
+def _backward(ctx, dy: Tensor, _dz: Tensor | None, _dnorm: Tensor | None):
     return (_backward_triton if ctx.triton_backward else _backward_torch)(ctx, dy)
 
 
-def _backward_triton(ctx, dy: Tensor):  # noqa: ANN001, ANN202
+def _backward_triton(ctx, dy: Tensor):
     """Triton kernels for dx, dU, db (and the O-wide w, dw, dq); cuBLAS for dV = xᵀ dq and dR = dwᵀ z per segment."""
     x, table_bwd, z, norm, Vs, Rs, Us, bs = _saved(ctx)
     need_dx = bool(ctx.needs_input_grad[0])
     dx, _w, dw, dq, dU, db = _lowrank_fused_bwd(
-        dy.to(x.dtype).contiguous(), z, norm, Vs, Rs, Us, bs, table_bwd, x.shape[1], ctx.gelu, ctx.eps, need_dx,
+        dy.to(x.dtype).contiguous(),
+        z,
+        norm,
+        Vs,
+        Rs,
+        Us,
+        bs,
+        table_bwd,
+        x.shape[1],
+        ctx.gelu,
+        ctx.eps,
+        need_dx,
     )
     p, (g_count, n, o) = ctx.p, Vs[0].shape
     dV = torch.zeros((p, g_count, n, o), dtype=torch.float32, device=x.device)
@@ -598,11 +848,10 @@ def _backward_triton(ctx, dy: Tensor):  # noqa: ANN001, ANN202
         # all P maps in one GEMM each: [N, L] @ [L, P*O] and a batched [P, O, L] @ [P, L, O]
         dV[:, g] += (x[sl].T @ dq[:, sl].transpose(0, 1).reshape(length, p * o)).view(n, p, o).transpose(0, 1).float()
         dR[:, g] += (dw[:, sl].transpose(1, 2) @ zc[:, sl]).float()
-    return _grads(ctx, dx if need_dx else None, dV.unbind(0), dR.unbind(0), dU.unbind(0), db.unbind(0),
-                  x, Vs, Rs, Us, bs)
+    return _grads(ctx, dx if need_dx else None, dV.unbind(0), dR.unbind(0), dU.unbind(0), db.unbind(0), x, Vs, Rs, Us, bs)
 
 
-def _backward_torch(ctx, dy: Tensor):  # noqa: ANN001, ANN202
+def _backward_torch(ctx, dy: Tensor):
     """The plain PyTorch backward (the reference beside the kernels): fp32 torch matmuls, per map and segment.
 
     With ``w = z Rᵀ`` and ``pre = w Uᵀ + b``: ``dpre = dy · act'(pre)``, ``dU = dpreᵀ w``, ``db = Σ dpre``,
@@ -639,7 +888,8 @@ def _backward_torch(ctx, dy: Tensor):  # noqa: ANN001, ANN202
             dzn = dw @ r
             clamped = ns <= ctx.eps
             dzr = torch.where(
-                clamped[:, None], dzn / ctx.eps,
+                clamped[:, None],
+                dzn / ctx.eps,
                 (dzn - zs * (zs * dzn).sum(-1, keepdim=True)) / torch.where(clamped, 1.0, ns)[:, None],
             )
             dV[p][g] += xf[sl].T @ dzr
@@ -698,8 +948,16 @@ def _segments(tokens: int, groups: int, group: int | None, segments: Sequence[tu
 
 
 def lowrank_linear_multi(
-    x: Tensor, Vs: Sequence[Tensor], Rs: Sequence[Tensor], Us: Sequence[Tensor], bs: Sequence[Tensor], *,
-    group: int | None = None, segments: Sequence[tuple[int, int]] | None = None, gelu: bool = False, eps: float = 1e-6,
+    x: Tensor,
+    Vs: Sequence[Tensor],
+    Rs: Sequence[Tensor],
+    Us: Sequence[Tensor],
+    bs: Sequence[Tensor],
+    *,
+    group: int | None = None,
+    segments: Sequence[tuple[int, int]] | None = None,
+    gelu: bool = False,
+    eps: float = 1e-6,
     backward: Backward = "triton",
 ) -> list[Tensor]:
     """``P`` (1 to 3) low-rank maps of the same ``x`` in one launch; returns ``P`` tensors ``[..., M]`` in x's dtype.
@@ -735,8 +993,16 @@ def lowrank_linear_multi(
 
 
 def lowrank_linear(
-    x: Tensor, V: Tensor, R: Tensor, U: Tensor, b: Tensor, *,
-    group: int | None = None, segments: Sequence[tuple[int, int]] | None = None, gelu: bool = False, eps: float = 1e-6,
+    x: Tensor,
+    V: Tensor,
+    R: Tensor,
+    U: Tensor,
+    b: Tensor,
+    *,
+    group: int | None = None,
+    segments: Sequence[tuple[int, int]] | None = None,
+    gelu: bool = False,
+    eps: float = 1e-6,
     backward: Backward = "triton",
 ) -> Tensor:
     """``act(U · R_m · normalize(V_mᵀ x) + b)`` fused: x ``[..., N]``, V ``[G, N, O]``, R ``[G, O, O]``, U ``[M, O]``,

@@ -1,3 +1,4 @@
+import gc
 import os
 
 import pytest
@@ -16,3 +17,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test():
+    """Free unreachable DALI pipelines (reference cycles) after every test. Left to the garbage collector of whichever
+    process runs next, a pipeline is destroyed in a worker that a later test forks (prepare's pool, a DataLoader),
+    where DALI's threads do not exist and the destructor waits for them forever (seen as a hang in
+    test_data_prepare); and a fork while their prefetching threads hold a lock can deadlock the child."""
+    yield
+    gc.collect()

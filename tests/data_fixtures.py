@@ -11,16 +11,29 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from avmt.config import DataConfig
+from avmt.data.prepare import prepare, scan_root
 from avmt.data.synth import SynthSpec, generate, render, write_video
 
 SIZE, FPS, SR = 64, 8, 16000
 
 # The data geometry used with the fixtures: 4 clips of 2 s in an 8 s window, 4 frames at 4 fps, 48^2 crops.
 # scale_range starts at the native 64, so eval mode does not resize (loaders compare decode, not resamplers).
-TEST_CFG = DataConfig(num_clips=4, window_seconds=8.0, clip_seconds=2.0, frames=4, fps=4.0, crop_size=48,
-                      scale_range=(64, 80), sample_rate=SR, n_mels=32, mel_frames=32, spec_mask_rate=0.1)
+TEST_CFG = DataConfig(
+    num_clips=4,
+    window_seconds=8.0,
+    clip_seconds=2.0,
+    frames=4,
+    fps=4.0,
+    crop_size=48,
+    scale_range=(64, 80),
+    sample_rate=SR,
+    n_mels=32,
+    mel_frames=32,
+    spec_mask_rate=0.1,
+)
 
 
 def make_synth(out: Path, fmt: str, count: int = 4, seconds: float = 10.0, seed: int = 0) -> Path:
@@ -67,7 +80,7 @@ def make_bad_files(root: Path) -> dict[str, str]:
     p = bad / "sound_only.wav"  # a valid media file without any video stream
     with av.open(str(p), "w") as c:
         st = c.add_stream("pcm_s16le", rate=SR, layout="mono")
-        pcm = (audio[None, : SR] * 20000).astype(np.int16)
+        pcm = (audio[None, :SR] * 20000).astype(np.int16)
         fr = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         fr.sample_rate, fr.pts, fr.time_base = SR, 0, Fraction(1, SR)
         for pkt in list(st.encode(fr)) + list(st.encode()):
@@ -86,7 +99,7 @@ def make_bad_files(root: Path) -> dict[str, str]:
     expected[str(p)] = "no_audio"
 
     p = bad / "short.mp4"
-    write_video(p, frames[: FPS], audio[: SR], FPS, SR, "mp4")  # 1 s < min_seconds
+    write_video(p, frames[:FPS], audio[:SR], FPS, SR, "mp4")  # 1 s < min_seconds
     expected[str(p)] = "too_short"
 
     p = bad / "garbage_codec.mkv"  # a well-formed container whose video packets are not a valid bitstream
@@ -110,3 +123,27 @@ def make_bad_files(root: Path) -> dict[str, str]:
     os.symlink(bad / "does-not-exist.mp4", p)
     expected[str(p)] = "unreadable"
     return expected
+
+
+def prepared(tmp_path_factory, fmt: str) -> Path:
+    """Four 10 s videos and one of 5 s (shorter than TEST_CFG's 8 s window) in format ``fmt``, prepared."""
+    root = tmp_path_factory.mktemp(f"videos_{fmt}")
+    make_synth(root / "long", fmt, count=4, seconds=10.0)
+    make_synth(root / "short", fmt, count=1, seconds=5.0, seed=1)  # shorter than the 8 s window
+    out = root / "prepared"
+    items = scan_root(root / "long") + scan_root(root / "short")
+    s = prepare(items, out, sample_rate=SR, min_seconds=2.0, progress=False)
+    assert s.kept == 5, s
+    return out
+
+
+def check_contract(batch: dict, cfg: DataConfig, b: int) -> None:
+    """The loaders' batch contract: shapes, dtypes, finite and normalised values."""
+    t, f, c = cfg.num_clips, cfg.frames, cfg.crop_size
+    assert batch["video"].shape == (b, t, 3, f, c, c) and batch["video"].dtype == torch.float32
+    assert batch["audio"].shape == (b, t, 1, cfg.n_mels, cfg.mel_frames) and batch["audio"].dtype == torch.float32
+    assert batch["label"].shape == (b,) and batch["label"].dtype == torch.int64
+    assert batch["index"].shape == (b,) and batch["index"].dtype == torch.int64
+    assert torch.isfinite(batch["video"]).all() and torch.isfinite(batch["audio"]).all()
+    # Normalised with mean 0.45 / std 0.225: values span [-2, 2.44].
+    assert batch["video"].min() >= -2.0 - 1e-5 and batch["video"].max() <= 2.4445 + 1e-4

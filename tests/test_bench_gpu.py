@@ -68,8 +68,9 @@ def test_unknown_part_is_an_error(tmp_path, capsys):
 def test_a_part_runs_in_its_own_process_and_a_hung_one_is_killed(tmp_path):
     result = gpu.spawn_part("sampling", True, 120, tmp_path / "s.json")
     assert result["status"] == "passed", result
-    assert set(result["rows_equal_to_reference"]) == {f"{m}/{d}" for m in ("similar", "dissimilar", "uniform", "sequence")
-                                                      for d in ("float32", "bfloat16")}
+    assert set(result["rows_equal_to_reference"]) == {
+        f"{m}/{d}" for m in ("similar", "dissimilar", "uniform", "sequence") for d in ("float32", "bfloat16")
+    }
     assert all(v == 1.0 for v in result["rows_equal_to_reference"].values())  # cpp == reference exactly on the CPU
     assert result["speed"] and all(r["cpp_s"] > 0 for r in result["speed"])
     t0 = time.time()
@@ -95,23 +96,64 @@ def test_error_report_applies_the_2x_rule():
 
 def test_report_renders_a_gpu_check(tmp_path):
     doc = {
-        "kind": gpu.KIND, "dry_run": False, "date": "2026-12-01T00:00:00+00:00", "commit": "abc", "budget_s": 480, "total_s": 300,
-        "device": {"name": "NVIDIA H200", "cuda": True}, "versions": {"torch": "2.11.0", "triton": "3.6.0"},
+        "kind": gpu.KIND,
+        "dry_run": False,
+        "date": "2026-12-01T00:00:00+00:00",
+        "commit": "abc",
+        "budget_s": 480,
+        "total_s": 300,
+        "device": {"name": "NVIDIA H200", "cuda": True},
+        "versions": {"torch": "2.11.0", "triton": "3.6.0"},
         "parts": {
             "build": {"status": "passed", "seconds": 60},
-            "sampling": {"status": "passed", "fast_backend": "cuda",
-                         "speed": [{"np": 1024, "d": 768, "k": 32, "cuda_s": 0.001, "reference_s": 0.004, "cpp_s": 0.01,
-                                    "syncs_per_call": 0}]},
-            "lowrank": {"status": "failed", "reason": "1 of 2 accuracy cases break the 2x rule",
-                        "accuracy": [{"passed": True, "worst_ratio": 0.9, "dtype": "bfloat16", "n": 768, "m": 768, "impl": "triton"},
-                                     {"passed": False, "worst_ratio": 3.1, "dtype": "float16", "n": 768, "m": 3072, "impl": "triton"}],
-                        "speed": [{"n": 768, "m": 3072, "gelu": True, "tokens": 1024, "dtype": "bfloat16", "reference_fwd_bwd_s": 0.003,
-                                   "triton_fwd_bwd_s": 0.001, "compiled_fwd_bwd_s": 0.002, "triton_syncs_per_fwd_bwd": 0}]},
-            "step": {"status": "passed", "steps": {"lowrank": {"preset": "paper", "batch": 4, "clips": 15, "precision": "bf16",
-                                                               "seconds_per_step": 0.5, "sequences_per_s": 8.0,
-                                                               "peak_allocated_bytes": 2**30, "syncs_per_step": 3}}},
-            "largest_batch": {"status": "passed", "largest_batch": {"none": {"largest_batch": 40, "trials": [[4, True]]},
-                                                                    "lowrank": {"largest_batch_at_least": 32, "trials": [[4, True]]}}},
+            "sampling": {
+                "status": "passed",
+                "fast_backend": "cuda",
+                "speed": [{"np": 1024, "d": 768, "k": 32, "cuda_s": 0.001, "reference_s": 0.004, "cpp_s": 0.01, "syncs_per_call": 0}],
+            },
+            "lowrank": {
+                "status": "failed",
+                "reason": "1 of 2 accuracy cases break the 2x rule",
+                "accuracy": [
+                    {"passed": True, "worst_ratio": 0.9, "dtype": "bfloat16", "n": 768, "m": 768, "impl": "triton"},
+                    {"passed": False, "worst_ratio": 3.1, "dtype": "float16", "n": 768, "m": 3072, "impl": "triton"},
+                ],
+                "speed": [
+                    {
+                        "n": 768,
+                        "m": 3072,
+                        "gelu": True,
+                        "tokens": 1024,
+                        "dtype": "bfloat16",
+                        "reference_fwd_bwd_s": 0.003,
+                        "triton_fwd_bwd_s": 0.001,
+                        "compiled_fwd_bwd_s": 0.002,
+                        "triton_syncs_per_fwd_bwd": 0,
+                    }
+                ],
+            },
+            "step": {
+                "status": "passed",
+                "steps": {
+                    "lowrank": {
+                        "preset": "paper",
+                        "batch": 4,
+                        "clips": 15,
+                        "precision": "bf16",
+                        "seconds_per_step": 0.5,
+                        "sequences_per_s": 8.0,
+                        "peak_allocated_bytes": 2**30,
+                        "syncs_per_step": 3,
+                    }
+                },
+            },
+            "largest_batch": {
+                "status": "passed",
+                "largest_batch": {
+                    "none": {"largest_batch": 40, "trials": [[4, True]]},
+                    "lowrank": {"largest_batch_at_least": 32, "trials": [[4, True]]},
+                },
+            },
             "dali": {"status": "skipped", "reason": "not importable here: nvidia.dali, av"},
         },
     }

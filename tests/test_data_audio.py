@@ -13,8 +13,13 @@ def numpy_log_mel(wave: np.ndarray, sr: int, n_fft: int, hop: int, n_mels: int, 
     x = np.pad(wave, (pad, pad), mode="reflect")
     win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
     spec = np.stack([np.abs(np.fft.rfft(x[i * hop : i * hop + n_fft] * win)) ** 2 for i in range(frames)], axis=1)
-    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)
-    inv = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+    def mel(f):
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+
+    def inv(m):
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
     pts = inv(np.linspace(mel(0.0), mel(sr / 2), n_mels + 2))
     freqs = np.arange(n_fft // 2 + 1) * sr / n_fft
     fb = np.zeros((n_mels, len(freqs)))

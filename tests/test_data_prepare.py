@@ -80,7 +80,10 @@ def test_csv_input_with_spans(mixed_root, tmp_path):
     s = prepare(scan_csv(csv), tmp_path / "out", sample_rate=SR, min_seconds=2.0, progress=False)
     assert (s.kept, s.rejected, s.reasons) == (2, 1, {"bad_span": 1})
     man = load_manifest(tmp_path / "out")
-    assert [(r["label"], r["label_index"], r["start"], r["end"]) for r in man] == [("dog", 1, 0.5, 3.5), ("cat", 0, 0.0, man[1]["duration"])]
+    assert [(r["label"], r["label_index"], r["start"], r["end"]) for r in man] == [
+        ("dog", 1, 0.5, 3.5),
+        ("cat", 0, 0.0, man[1]["duration"]),
+    ]
     bad = tmp_path / "bad.csv"
     bad.write_text("a.mp4\n")
     with pytest.raises(ValueError, match="expected path,label"):

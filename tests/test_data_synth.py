@@ -62,8 +62,28 @@ def test_cli_writes_containers_and_a_labelled_manifest(tmp_path):
 
     out = tmp_path / "synth"
     # 44.1 kHz is not an Opus rate: the webm writer resamples to 48 kHz.
-    main(["--out", str(out), "--count", "3", "--classes", "2", "--seconds", "2", "--size", "32", "--fps", "8",
-          "--sample-rate", "44100", "--format", "webm", "--workers", "2"])
+    main(
+        [
+            "--out",
+            str(out),
+            "--count",
+            "3",
+            "--classes",
+            "2",
+            "--seconds",
+            "2",
+            "--size",
+            "32",
+            "--fps",
+            "8",
+            "--sample-rate",
+            "44100",
+            "--format",
+            "webm",
+            "--workers",
+            "2",
+        ]
+    )
     rows = list(csv.DictReader(open(out / "labels.csv")))
     assert [r["label"] for r in rows] == ["class00_disk", "class01_square", "class00_disk"]
     for r in rows:

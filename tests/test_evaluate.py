@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
+import avmt.evaluate
 from avmt.config import load_config
 from avmt.data.loader import loader_status
 from avmt.data.prepare import load_manifest
-import avmt.evaluate
 from avmt.evaluate import EvaluationError, FinetuneSettings, finetune, labelled_split, main, pair_accuracy, score_classifiers
 from avmt.models import AVBert, EncoderOutput
 from avmt.objectives import Pretraining, swap_permutation
@@ -29,8 +29,20 @@ def manifest(tmp_path_factory):
 def run_dir(manifest, tmp_path_factory):
     """A one-step pretraining run on the tiny dataset: a real checkpoint for the command line."""
     run = tmp_path_factory.mktemp("run")
-    train(load_config("tiny", overrides=[f"data.manifest={manifest}", "data.num_workers=0", f"train.run_dir={run}",
-                                         "train.batch_size=4", "train.max_steps=1", "train.warmup_steps=1"]), progress=False)
+    train(
+        load_config(
+            "tiny",
+            overrides=[
+                f"data.manifest={manifest}",
+                "data.num_workers=0",
+                f"train.run_dir={run}",
+                "train.batch_size=4",
+                "train.max_steps=1",
+                "train.warmup_steps=1",
+            ],
+        ),
+        progress=False,
+    )
     return run
 
 
@@ -85,9 +97,11 @@ def test_pair_accuracy_pairs_each_video_with_its_own_and_a_swapped_audio(manifes
     monkeypatch.setattr(avmt.evaluate, "over_views", lambda fn, cfg, records, views, *a, **k: {"visual": tokens, "audio": tokens})
     pre = Pretraining(AVBert(cfg.model), cfg.objective)
     altered = []  # per encode call: how many tokens are not a code (the mask embedding)
+
     def encode(vis, aud):
         altered.append(int((vis[..., 0] != vis[..., 0].round()).sum() + (aud[..., 0] != aud[..., 0].round()).sum()))
         return EncoderOutput(None, None, torch.cat([vis, aud], 1))
+
     pre.model.encode = encode
     pre.cpp_logits = lambda enc: torch.where(enc.multimodal[:, :t, 0].mode(1).values == enc.multimodal[:, t:, 0].mode(1).values, 1.0, -1.0)
     result = pair_accuracy(pre, cfg, records, labels, views, seed=3, progress=False)
@@ -108,8 +122,23 @@ def test_pair_accuracy_pairs_each_video_with_its_own_and_a_swapped_audio(manifes
 
 
 def test_cli_finetune_compares_pretrained_and_random_init(run_dir, manifest, capsys):
-    rc = main(["--checkpoint", str(run_dir), "--protocol", "finetune", "--heads", "audio", "--epochs", "1", "--batch-size", "2",
-               "--compare-random", "--json", "--quiet"])
+    rc = main(
+        [
+            "--checkpoint",
+            str(run_dir),
+            "--protocol",
+            "finetune",
+            "--heads",
+            "audio",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--compare-random",
+            "--json",
+            "--quiet",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["protocol"] == "finetune" and out["manifest"] == str(manifest) and out["heads"] == ["audio"]
     assert out["settings"]["epochs"] == 1 and out["settings"]["batch_size"] == 2 and out["videos"] == 12

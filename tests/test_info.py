@@ -36,7 +36,9 @@ def test_info_cli():
     assert ops["sample_negatives"]["selected"] == ("cuda" if torch.cuda.is_available() else "cpp")
     assert data["environment"]["avmt._C"].startswith("built")
     loader = data["data_loader"]
-    assert loader["selected"] == ("dali" if torch.cuda.is_available() and any(b["name"] == "dali" and b["available"] for b in loader["backends"]) else "cpu")
+    assert loader["selected"] == (
+        "dali" if torch.cuda.is_available() and any(b["name"] == "dali" and b["available"] for b in loader["backends"]) else "cpu"
+    )
     assert {b["name"] for b in loader["backends"]} == {"cpu", "dali"} and all(b["reason"] for b in loader["backends"])
     text = subprocess.run([sys.executable, "-m", "avmt.info"], capture_output=True, text=True, check=True).stdout
     assert "selected: cpp" in text or "selected: cuda" in text

@@ -5,14 +5,14 @@ import sys
 import pytest
 
 from avmt.config import load_config
-from avmt.params import count_parts, scheme_report, training_state_bytes
 from avmt.models import AVBert
+from avmt.params import count_parts, scheme_report, training_state_bytes
 
 PAPER_TRANSFORMER = {"none": 127_581_696, "layers": 21_263_616, "all": 7_087_872, "lowrank": 3_843_840}
 
 
 def expected_transformer_params(d: int, ffn: int, layers: int, transformers: int, sharing: str, rank: int) -> int:
-    """Independent count from SPEC §2: dense maps + biases + 2 LayerNorms per distinct layer."""
+    """Independent count from docs/method.md §2: dense maps + biases + 2 LayerNorms per distinct layer."""
     maps = [(d, d)] * 4 + [(d, ffn), (ffn, d)]  # Q, K, V, attention output, FFN in, FFN out
     norms = 2 * 2 * d
     if sharing == "lowrank":
@@ -31,17 +31,29 @@ def test_paper_counts_are_exact(scheme):
     assert report["total_params"] == sum(report[f"{p}_params"] for p in parts)
 
 
-VALID = [(f, n, s) for f, n in [("mid", 3), ("late", 2), ("early", 1)] for s in PAPER_TRANSFORMER
-         if not (f == "early" and s in ("all", "lowrank"))]  # early fusion rejects cross-Transformer sharing
+VALID = [
+    (f, n, s)
+    for f, n in [("mid", 3), ("late", 2), ("early", 1)]
+    for s in PAPER_TRANSFORMER
+    if not (f == "early" and s in ("all", "lowrank"))
+]  # early fusion rejects cross-Transformer sharing
 
 
 @pytest.mark.parametrize("fusion, transformers, scheme", VALID)
 @pytest.mark.parametrize("d, heads, ffn, layers, rank", [(48, 4, 80, 3, 8), (64, 2, 96, 1, 5), (36, 3, 36, 4, 36)])
 def test_counts_follow_d_o_l_g(fusion, transformers, scheme, d, heads, ffn, layers, rank):
-    cfg = load_config("tiny", overrides=[
-        f"model.dim={d}", f"model.heads={heads}", f"model.ffn_dim={ffn}", f"model.layers={layers}",
-        f"model.rank={rank}", f"model.fusion={fusion}", f"model.sharing={scheme}",
-    ])
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            f"model.dim={d}",
+            f"model.heads={heads}",
+            f"model.ffn_dim={ffn}",
+            f"model.layers={layers}",
+            f"model.rank={rank}",
+            f"model.fusion={fusion}",
+            f"model.sharing={scheme}",
+        ],
+    )
     got = scheme_report(cfg, scheme)["transformer_params"]
     assert got == expected_transformer_params(d, ffn, layers, transformers, scheme, rank)
 

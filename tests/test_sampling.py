@@ -27,8 +27,18 @@ def draw(mode, backend, na=29, np_=131, d=19, k=7, dtype=torch.float32, seed=0, 
     anchors = pool[anchor_index.clamp_min(0)] + 0.1 * torch.randn(na, d, generator=g).to(dtype)
     group = torch.randint(0, groups, (np_,), generator=g)
     anchor_group = torch.randint(0, groups, (na,), generator=g)
-    out = sample_negatives(anchors, pool, k, mode=mode, trim=trim, anchor_index=anchor_index, group=group,
-                           anchor_group=anchor_group, generator=torch.Generator().manual_seed(seed + 1), backend=backend)
+    out = sample_negatives(
+        anchors,
+        pool,
+        k,
+        mode=mode,
+        trim=trim,
+        anchor_index=anchor_index,
+        group=group,
+        anchor_group=anchor_group,
+        generator=torch.Generator().manual_seed(seed + 1),
+        backend=backend,
+    )
     return out, anchors, pool, anchor_index, group, anchor_group
 
 
@@ -89,7 +99,9 @@ def test_distribution_of_the_first_two_picks(backend, mode):
     pool = torch.randn(8, 5, generator=g)
     anchor = torch.randn(1, 5, generator=g)
     rows = 30_000
-    out = sample_negatives(anchor.expand(rows, -1).contiguous(), pool, 3, mode=mode, trim=0.025, generator=torch.Generator().manual_seed(11), backend=backend)
+    out = sample_negatives(
+        anchor.expand(rows, -1).contiguous(), pool, 3, mode=mode, trim=0.025, generator=torch.Generator().manual_seed(11), backend=backend
+    )
     d = torch.cdist(anchor.double(), pool.double())[0].numpy()
     d_hat = (d - d.min()) / (d.max() - d.min())
     w = {"similar": 1 - d_hat, "dissimilar": d_hat, "uniform": np.ones(8)}[mode]
@@ -162,7 +174,17 @@ def test_backend_selection_is_explicit(monkeypatch):
 
 def test_opcheck_and_compile():
     op = torch.ops.avmt.sample_negatives.default
-    args = (torch.randn(6, 5), torch.randn(20, 5), 4, 0, 0.05, torch.arange(6), torch.zeros(6, dtype=torch.long), torch.zeros(20, dtype=torch.long), 123)
+    args = (
+        torch.randn(6, 5),
+        torch.randn(20, 5),
+        4,
+        0,
+        0.05,
+        torch.arange(6),
+        torch.zeros(6, dtype=torch.long),
+        torch.zeros(20, dtype=torch.long),
+        123,
+    )
     torch.library.opcheck(op, args)
     compiled = torch.compile(lambda *a: op(*a) + 0, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), op(*args))

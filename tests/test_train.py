@@ -22,8 +22,18 @@ def manifest(tmp_path_factory):
 
 
 def cfg_for(manifest, run_dir, *overrides):
-    return load_config("tiny", overrides=[f"data.manifest={manifest}", "data.num_workers=0", f"train.run_dir={run_dir}",
-                                          "train.batch_size=4", "train.warmup_steps=2", "train.log_every=2", *overrides])
+    return load_config(
+        "tiny",
+        overrides=[
+            f"data.manifest={manifest}",
+            "data.num_workers=0",
+            f"train.run_dir={run_dir}",
+            "train.batch_size=4",
+            "train.warmup_steps=2",
+            "train.log_every=2",
+            *overrides,
+        ],
+    )
 
 
 def records(run_dir):
@@ -121,9 +131,25 @@ def test_missing_data_fails_before_any_work(tmp_path):
 
 
 def test_torchrun_two_processes_save_once(manifest, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "avmt.train",
-           "--preset", "tiny", f"data.manifest={manifest}", "data.num_workers=0", f"train.run_dir={tmp_path}",
-           "train.batch_size=2", "train.max_steps=3", "--quiet", "--no-resume"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "avmt.train",
+        "--preset",
+        "tiny",
+        f"data.manifest={manifest}",
+        "data.num_workers=0",
+        f"train.run_dir={tmp_path}",
+        "train.batch_size=2",
+        "train.max_steps=3",
+        "--quiet",
+        "--no-resume",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step_000003"]
@@ -151,8 +177,12 @@ def test_linear_probe_and_split():
 
 def test_evaluate_cli_compares_with_random_init(manifest, tmp_path):
     train(cfg_for(manifest, tmp_path, "train.max_steps=2"), progress=False)
-    proc = subprocess.run([sys.executable, "-m", "avmt.evaluate", "--checkpoint", str(tmp_path), "--compare-random", "--json",
-                           "--views", "2", "--quiet"], capture_output=True, text=True, env=os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "avmt.evaluate", "--checkpoint", str(tmp_path), "--compare-random", "--json", "--views", "2", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     for name in ("pretrained", "random_init"):

@@ -4,7 +4,7 @@ and the report (``python -m avmt.bench report``, :mod:`avmt.bench.report`)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -1,9 +1,9 @@
 """``python -m avmt.bench``: run the benchmark suite, write the report, or print memory per scheme.
 
-    python -m avmt.bench run [--full] [--out benchmarks/results/NAME.json] [-- PYTEST ARGS]   # suite + report
-    python -m avmt.bench report [PATHS ...] [--out benchmarks/results/report.md] [--no-plots]
-    python -m avmt.bench memory [--preset paper] [--scope transformer|model] [--batch 4] [section.key=value ...]
-    python -m avmt.bench gpu [--budget-s 480] [--out PATH] [--parts a,b] [--dry-run]      # one-shot GPU check
+python -m avmt.bench run [--full] [--out benchmarks/results/NAME.json] [-- PYTEST ARGS]   # suite + report
+python -m avmt.bench report [PATHS ...] [--out benchmarks/results/report.md] [--no-plots]
+python -m avmt.bench memory [--preset paper] [--scope transformer|model] [--batch 4] [section.key=value ...]
+python -m avmt.bench gpu [--budget-s 480] [--out PATH] [--parts a,b] [--dry-run]      # one-shot GPU check
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def _report(args: argparse.Namespace) -> int:
     try:
         text = render(res, out.parent, plots=not args.no_plots)
     except ImportError as e:
-        print(f"python -m avmt.bench report: {e}; install the plotting extra (pip install -e '.[bench]') or pass --no-plots", file=sys.stderr)
+        print(
+            f"python -m avmt.bench report: {e}; install the plotting extra (pip install -e '.[bench]') or pass --no-plots", file=sys.stderr
+        )
         return 2
     out.write_text(text)
     print(f"wrote {out} from {len(res.sources)} result files" + ("" if args.no_plots else f" (plots in {out.parent})"))
@@ -47,15 +49,27 @@ def _report(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     bench_dir = Path(args.benchmarks)
     if not (bench_dir / "conftest.py").exists():
-        print(f"python -m avmt.bench run: {bench_dir} is not the benchmark folder; run from the repository root or pass --benchmarks",
-              file=sys.stderr)
+        print(
+            f"python -m avmt.bench run: {bench_dir} is not the benchmark folder; run from the repository root or pass --benchmarks",
+            file=sys.stderr,
+        )
         return 2
     mode = "full" if args.full else "quick"
     out = Path(args.out or f"benchmarks/results/suite-{mode}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     files = [str(bench_dir / f) for f in (args.files or SUITE)]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, f"--benchmark-json={out}",
-           *(["--full"] if args.full else []), *args.pytest_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *files,
+        f"--benchmark-json={out}",
+        *(["--full"] if args.full else []),
+        *args.pytest_args,
+    ]
     print("+", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd)
     if rc != 0:
@@ -88,14 +102,22 @@ def _memory(args: argparse.Namespace) -> int:
     from avmt.bench.report import mib
 
     first = next(iter(rows.values()))
-    print(f"avmt step memory: preset={cfg.preset} scope={args.scope} mode={args.mode} batch={first.batch} T={first.clips} "
-          f"D={first.dim} L={first.layers} {first.precision}   (MiB)")
+    print(
+        f"avmt step memory: preset={cfg.preset} scope={args.scope} mode={args.mode} batch={first.batch} T={first.clips} "
+        f"D={first.dim} L={first.layers} {first.precision}   (MiB)"
+    )
     print(f"{'scheme':8} {'T.params':>12} {'weights':>10} {'grads':>10} {'AdamW':>10} {'T. w+g+opt':>11} {'activations':>12} {'total':>10}")
     for s, r in rows.items():
-        print(f"{s:8} {r.params['transformer']:>12,} {mib(sum(r.weights.values())):>10} {mib(sum(r.grads.values())):>10} "
-              f"{mib(sum(r.optimizer.values())):>10} {mib(r.train_state('transformer')):>11} {mib(r.activation_bytes):>12} {mib(r.estimated_peak):>10}")
+        print(
+            f"{s:8} {r.params['transformer']:>12,} {mib(sum(r.weights.values())):>10} {mib(sum(r.grads.values())):>10} "
+            f"{mib(sum(r.optimizer.values())):>10} {mib(r.train_state('transformer')):>11} {mib(r.activation_bytes):>12} "
+            f"{mib(r.estimated_peak):>10}"
+        )
     if "none" in rows and "lowrank" in rows:
-        print(f"Transformer w+g+opt, none / lowrank: {rows['none'].train_state('transformer') / rows['lowrank'].train_state('transformer'):.2f}x")
+        print(
+            "Transformer w+g+opt, none / lowrank: "
+            f"{rows['none'].train_state('transformer') / rows['lowrank'].train_state('transformer'):.2f}x"
+        )
     return 0
 
 

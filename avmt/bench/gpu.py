@@ -56,6 +56,7 @@ TAIL = 4000  # characters of a failed step's output kept in the JSON
 
 # -- shared helpers ------------------------------------------------------------------------------------------------------
 
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic: a reader (or a kill) sees the previous file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,8 +77,9 @@ def _commit(given: str | None) -> str:
         return given
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git checkout; pass --commit)"
@@ -89,8 +91,14 @@ def device_info() -> dict[str, Any]:
     if not torch.cuda.is_available():
         return {"name": f"cpu ({os.cpu_count()} cores)", "cuda": False}
     p = torch.cuda.get_device_properties(0)
-    return {"name": p.name, "cuda": True, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-            "memory_bytes": p.total_memory, "count": torch.cuda.device_count()}
+    return {
+        "name": p.name,
+        "cuda": True,
+        "capability": f"{p.major}.{p.minor}",
+        "sms": p.multi_processor_count,
+        "memory_bytes": p.total_memory,
+        "count": torch.cuda.device_count(),
+    }
 
 
 def _slug(name: str) -> str:
@@ -161,6 +169,7 @@ def timed(fn: Callable[[], Any], device: Any, reps: int, warmup: int = 1) -> flo
 
 # -- parts ---------------------------------------------------------------------------------------------------------------
 
+
 def part_sampling(ctx: Part) -> dict[str, Any]:
     import torch
 
@@ -224,8 +233,12 @@ def _lowrank_cases(dry: bool) -> list[tuple[int, int, bool, int, list[tuple[int,
     """(N, M, gelu, maps, segments): the paper's maps (O=128, 3 groups) at ragged token counts."""
     if dry:
         return [(48, 48, False, 3, [(5, 0), (0, 1), (37, 2)]), (48, 80, True, 1, [(33, 1)]), (80, 48, False, 1, [(1, 0), (20, 2)])]
-    return [(768, 768, False, 3, [(1000, 0), (1000, 1), (2099, 2)]), (768, 768, False, 1, [(61, 0), (67, 1), (2, 2)]),
-            (768, 3072, True, 1, [(1000, 0), (1000, 1), (2099, 2)]), (3072, 768, False, 1, [(127, 2)])]
+    return [
+        (768, 768, False, 3, [(1000, 0), (1000, 1), (2099, 2)]),
+        (768, 768, False, 1, [(61, 0), (67, 1), (2, 2)]),
+        (768, 3072, True, 1, [(1000, 0), (1000, 1), (2099, 2)]),
+        (3072, 768, False, 1, [(127, 2)]),
+    ]
 
 
 def part_lowrank(ctx: Part) -> dict[str, Any]:
@@ -269,15 +282,26 @@ def part_lowrank(ctx: Part) -> dict[str, Any]:
                 for mod in mods:
                     pieces, start = [], 0
                     for length, g in segments:
-                        pieces.append(lowrank_reference(x[start:start + length], mod.V[g], mod.rotations()[g], mod.U, mod.bias,
-                                                        gelu=gelu, eps=mod.eps))
+                        pieces.append(
+                            lowrank_reference(
+                                x[start : start + length], mod.V[g], mod.rotations()[g], mod.U, mod.bias, gelu=gelu, eps=mod.eps
+                            )
+                        )
                         start += length
                     outs.append(torch.cat(pieces))
             else:
                 xd = x.to(dtype) if dtype != torch.float64 else x
-                outs = lowrank_linear_multi(xd, [mod.V for mod in mods], [mod.rotations() for mod in mods], [mod.U for mod in mods],
-                                            [mod.bias for mod in mods], segments=segments, gelu=gelu, eps=mods[0].eps,
-                                            backward="torch" if impl == "triton-torchbwd" else "triton")
+                outs = lowrank_linear_multi(
+                    xd,
+                    [mod.V for mod in mods],
+                    [mod.rotations() for mod in mods],
+                    [mod.U for mod in mods],
+                    [mod.bias for mod in mods],
+                    segments=segments,
+                    gelu=gelu,
+                    eps=mods[0].eps,
+                    backward="torch" if impl == "triton-torchbwd" else "triton",
+                )
         gen = torch.Generator().manual_seed(7)
         loss = sum((y.float() * torch.randn(y.shape, generator=gen).to(dev)).sum() for y in outs)
         loss.backward()
@@ -299,9 +323,18 @@ def part_lowrank(ctx: Part) -> dict[str, Any]:
                 got = run(mods, x, segments, gelu, impl, dtype)
                 floor = 1e-3 if dtype != torch.float32 else 1e-6
                 report = error_report(got, ref, truth, floor=floor)
-                case = {"n": n, "m": m, "o": o, "gelu": gelu, "maps": count, "segments": segments,
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "impl": impl, "passed": all(r["passed"] for r in report), "worst_ratio": max(r["ratio"] for r in report)}
+                case = {
+                    "n": n,
+                    "m": m,
+                    "o": o,
+                    "gelu": gelu,
+                    "maps": count,
+                    "segments": segments,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "impl": impl,
+                    "passed": all(r["passed"] for r in report),
+                    "worst_ratio": max(r["ratio"] for r in report),
+                }
                 accuracy.append(case)
                 if not case["passed"]:
                     failures.append({**case, "errors": report})
@@ -342,8 +375,15 @@ def _lowrank_speed(ctx: Part, maps_for: Callable[..., list[Any]]) -> tuple[list[
                 continue
             x = torch.randn(t, n, device=dev, requires_grad=True)
             dy = torch.randn(t, m, device=dev, dtype=dtype)
-            row: dict[str, Any] = {"n": n, "m": m, "o": lin.rank, "gelu": gelu, "tokens": t, "dtype": str(dtype).removeprefix("torch."),
-                                   "compile_backend": backend}
+            row: dict[str, Any] = {
+                "n": n,
+                "m": m,
+                "o": lin.rank,
+                "gelu": gelu,
+                "tokens": t,
+                "dtype": str(dtype).removeprefix("torch."),
+                "compile_backend": backend,
+            }
             for impl in ("reference", "triton", "compiled"):
                 lin.kernel = "triton" if impl == "triton" else "reference"
                 fn = compiled if impl == "compiled" else (lambda x, mod=lin, g=gelu: mod(x, 2, gelu=g))
@@ -370,8 +410,16 @@ def _lowrank_speed(ctx: Part, maps_for: Callable[..., list[Any]]) -> tuple[list[
             rows.append(row)
             ctx.record("speed", rows)
         graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        compiles.append({"n": n, "m": m, "gelu": gelu, "graphs": graphs, "recompiles": max(0, graphs - 1),
-                         "frames": dict(torch._dynamo.utils.counters["frames"])})
+        compiles.append(
+            {
+                "n": n,
+                "m": m,
+                "gelu": gelu,
+                "graphs": graphs,
+                "recompiles": max(0, graphs - 1),
+                "frames": dict(torch._dynamo.utils.counters["frames"]),
+            }
+        )
         ctx.record("compile", compiles)
     return rows, compiles
 
@@ -403,10 +451,18 @@ def part_step(ctx: Part) -> dict[str, Any]:
             step()
         seconds = timed(step, dev, steps, warmup=0)
         moved = all(not torch.equal(b, p.detach()) for b, p in zip(before, model.layers.parameters(), strict=True))
-        rows[scheme] = {"preset": preset, "batch": batch, "clips": cfg.data.num_clips, "seconds_per_step": seconds,
-                        "sequences_per_s": batch / seconds, "precision": "bf16" if use_bf16(cfg.train, dev) else "fp32",
-                        "peak_allocated_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
-                        "syncs_per_step": syncs[0], "first_loss": first_loss, "transformer_params_moved": moved}
+        rows[scheme] = {
+            "preset": preset,
+            "batch": batch,
+            "clips": cfg.data.num_clips,
+            "seconds_per_step": seconds,
+            "sequences_per_s": batch / seconds,
+            "precision": "bf16" if use_bf16(cfg.train, dev) else "fp32",
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+            "syncs_per_step": syncs[0],
+            "first_loss": first_loss,
+            "transformer_params_moved": moved,
+        }
         ok = moved and math.isfinite(first_loss)
         ctx.record("steps", rows)
         if not ok:
@@ -451,13 +507,23 @@ def part_largest_batch(ctx: Part) -> dict[str, Any]:
 
         try:
             best, trials = largest_fitting_batch(fits, start=1 if ctx.dry_run else 4, limit=4 if ctx.dry_run else 4096)
-            rows[scheme] = {"preset": preset, "clips": cfg.data.num_clips, "largest_batch": best, "trials": trials,
-                            "memory_bytes": torch.cuda.get_device_properties(0).total_memory if ctx.device.type == "cuda" else None,
-                            "simulated_limit": 2 if ctx.dry_run else None}
+            rows[scheme] = {
+                "preset": preset,
+                "clips": cfg.data.num_clips,
+                "largest_batch": best,
+                "trials": trials,
+                "memory_bytes": torch.cuda.get_device_properties(0).total_memory if ctx.device.type == "cuda" else None,
+                "simulated_limit": 2 if ctx.dry_run else None,
+            }
         except _Deadline:
             fitted = [b for b, ok in tried if ok]
-            rows[scheme] = {"preset": preset, "clips": cfg.data.num_clips, "largest_batch_at_least": max(fitted, default=0),
-                            "trials": tried, "note": f"search stopped after {share:.0f} s"}
+            rows[scheme] = {
+                "preset": preset,
+                "clips": cfg.data.num_clips,
+                "largest_batch_at_least": max(fitted, default=0),
+                "trials": tried,
+                "note": f"search stopped after {share:.0f} s",
+            }
         ctx.record("largest_batch", rows)
     incomplete = [s for s, r in rows.items() if "largest_batch" not in r]
     return {"status": "passed", **({"note": f"bounds only (time limit): {incomplete}"} if incomplete else {})}
@@ -503,25 +569,29 @@ def part_dali(ctx: Part) -> dict[str, Any]:
     if missing:
         why = f"not importable here: {', '.join(missing)} (DALI decodes; PyAV writes the H.264 test videos)"
         return {"status": "skipped", "reason": why}
-    return _pytest(ctx, ["-m", "gpu", "tests/test_loader_select.py", "tests/test_data_loader.py"], "pytest")
+    return _pytest(ctx, ["-m", "gpu", "tests/test_data_loader_dali.py"], "pytest")
 
 
 def part_gpu_tests(ctx: Part) -> dict[str, Any]:
     # the DALI files run in part dali; benchmarks/ holds benchmarks, not tests
-    return _pytest(ctx, ["-m", "gpu", "tests", "--ignore=tests/test_loader_select.py", "--ignore=tests/test_data_loader.py"], "pytest")
+    return _pytest(ctx, ["-m", "gpu", "tests", "--ignore=tests/test_data_loader_dali.py"], "pytest")
 
 
 def _importable(module: str) -> bool:
     try:
         __import__(module)
         return True
-    except Exception:  # noqa: BLE001 - any failure to import means "not usable here"
+    except Exception:
         return False
 
 
 PART_FUNCS: dict[str, Callable[[Part], dict[str, Any]]] = {
-    "sampling": part_sampling, "lowrank": part_lowrank, "step": part_step, "largest_batch": part_largest_batch,
-    "dali": part_dali, "gpu_tests": part_gpu_tests,
+    "sampling": part_sampling,
+    "lowrank": part_lowrank,
+    "step": part_step,
+    "largest_batch": part_largest_batch,
+    "dali": part_dali,
+    "gpu_tests": part_gpu_tests,
 }
 
 
@@ -532,7 +602,7 @@ def run_child(name: str, dry_run: bool, deadline: float, out: Path) -> int:
     ctx = Part(name, dry_run, deadline, out)
     try:
         result = PART_FUNCS[name](ctx)
-    except Exception as e:  # noqa: BLE001 - a part's failure is a result to record, not a crash of the check
+    except Exception as e:
         result = {"status": "failed", "reason": f"{type(e).__name__}: {e}", "output_tail": traceback.format_exc()[-TAIL:]}
     ctx.results.update(result)
     write_json(out, ctx.results)
@@ -547,10 +617,13 @@ def _cuda_visible() -> bool:
 
 # -- the orchestrator ----------------------------------------------------------------------------------------------------
 
+
 def _build_status() -> dict[str, Any]:
     """Whether avmt._C and avmt.kernels import in a fresh interpreter, and what _C was built with."""
-    code = ("import json, torch, avmt.kernels, avmt._C as c; print(json.dumps({'cuda_built': bool(c.cuda_built), "
-            "'build_torch': getattr(c, 'build_torch', None), 'torch': torch.__version__, 'cuda': torch.cuda.is_available()}))")
+    code = (
+        "import json, torch, avmt.kernels, avmt._C as c; print(json.dumps({'cuda_built': bool(c.cuda_built), "
+        "'build_torch': getattr(c, 'build_torch', None), 'torch': torch.__version__, 'cuda': torch.cuda.is_available()}))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -575,8 +648,14 @@ def ensure_built(no_build: bool) -> dict[str, Any]:
         out, rc = "", "timeout"
     setup_lines = [ln.strip() for ln in out.splitlines() if "avmt setup:" in ln]
     after = _build_status() if rc == 0 else {"ok": False}
-    result = {"action": "pip install --no-build-isolation --no-deps -e .", "returncode": rc, "seconds": round(time.time() - t0, 1),
-              "setup": setup_lines[-2:], "before": status, **after}
+    result = {
+        "action": "pip install --no-build-isolation --no-deps -e .",
+        "returncode": rc,
+        "seconds": round(time.time() - t0, 1),
+        "setup": setup_lines[-2:],
+        "before": status,
+        **after,
+    }
     if rc != 0 or not after.get("ok"):
         return {"status": "failed", "reason": f"build failed (pip exit {rc})", "output_tail": out[-TAIL:], **result}
     return {"status": "passed", **result}
@@ -585,8 +664,18 @@ def ensure_built(no_build: bool) -> dict[str, Any]:
 def spawn_part(name: str, dry_run: bool, timeout: float, part_file: Path) -> dict[str, Any]:
     """Runs one part in its own process (own CUDA context: a crash or hang there cannot take the others down)."""
     deadline = time.time() + timeout - 5
-    cmd = [sys.executable, "-m", "avmt.bench.gpu", "--child", name, "--part-file", str(part_file), "--deadline", str(deadline),
-           *(["--dry-run"] if dry_run else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "avmt.bench.gpu",
+        "--child",
+        name,
+        "--part-file",
+        str(part_file),
+        "--deadline",
+        str(deadline),
+        *(["--dry-run"] if dry_run else []),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     try:
@@ -622,10 +711,21 @@ def run_check(args: argparse.Namespace, spawn: Callable[[str, bool, float, Path]
         print(f"python -m avmt.bench gpu: unknown part(s) {unknown}; the parts are {', '.join(PARTS)}", file=sys.stderr)
         return 2
     doc: dict[str, Any] = {
-        "kind": KIND, "dry_run": args.dry_run, "date": now.isoformat(timespec="seconds"), "commit": _commit(args.commit),
-        "command": " ".join(["python -m avmt.bench gpu", *args.argv]), "budget_s": args.budget_s, "device": dev,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                     "triton": _version("triton"), "nvidia_dali": _version("nvidia-dali-cuda130"), "av": _version("av")},
+        "kind": KIND,
+        "dry_run": args.dry_run,
+        "date": now.isoformat(timespec="seconds"),
+        "commit": _commit(args.commit),
+        "command": " ".join(["python -m avmt.bench gpu", *args.argv]),
+        "budget_s": args.budget_s,
+        "device": dev,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": _version("triton"),
+            "nvidia_dali": _version("nvidia-dali-cuda130"),
+            "av": _version("av"),
+        },
         "parts": {p: {"status": "pending"} for p in ["build", *parts]},
     }
     write_json(out, doc)

@@ -33,8 +33,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,11 +62,26 @@ def _storage_key(t: Tensor) -> tuple[int, Any]:
 
 # autograd nodes that only cast or re-view their single input: a saved tensor reached from a parameter through
 # these alone is a copy of that parameter (under autocast: its bf16 copy), not an activation
-_COPY_NODES = frozenset({
-    "ToCopyBackward0", "TBackward0", "TransposeBackward0", "ViewBackward0", "UnsafeViewBackward0", "SelectBackward0",
-    "SliceBackward0", "ExpandBackward0", "PermuteBackward0", "AliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
-    "SqueezeBackward1", "ReshapeAliasBackward0", "CloneBackward0", "_ToCopyBackward0",
-})
+_COPY_NODES = frozenset(
+    {
+        "ToCopyBackward0",
+        "TBackward0",
+        "TransposeBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "SelectBackward0",
+        "SliceBackward0",
+        "ExpandBackward0",
+        "PermuteBackward0",
+        "AliasBackward0",
+        "UnsqueezeBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "ReshapeAliasBackward0",
+        "CloneBackward0",
+        "_ToCopyBackward0",
+    }
+)
 
 
 def _is_parameter_copy(t: Tensor) -> bool:
@@ -185,8 +201,15 @@ class StepMemory:
         all alive at once, without temporaries (workspace, intermediate results not saved for backward). An
         estimate: in a real step the gradients grow while the activations are freed. On a GPU,
         :attr:`peak_allocated` is the measured peak."""
-        return sum(self.weights.values()) + sum(self.grads.values()) + sum(self.optimizer.values()) + self.optimizer_steps + \
-            self.activation_bytes + self.weight_copies + self.inputs
+        return (
+            sum(self.weights.values())
+            + sum(self.grads.values())
+            + sum(self.optimizer.values())
+            + self.optimizer_steps
+            + self.activation_bytes
+            + self.weight_copies
+            + self.inputs
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -214,8 +237,15 @@ def _state_tensors(opt: torch.optim.Optimizer, p: nn.Parameter) -> tuple[list[Te
 
 
 def measure_step(
-    cfg: Config, *, scope: str = "transformer", mode: str = "fake", batch: int = 4, clips: int | None = None,
-    device: str | torch.device = "cpu", precision: str = "fp32", seed: int = 0,
+    cfg: Config,
+    *,
+    scope: str = "transformer",
+    mode: str = "fake",
+    batch: int = 4,
+    clips: int | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    seed: int = 0,
 ) -> StepMemory:
     """Build ``AVBert(cfg.model)`` (+ the objectives for the ``pretraining`` scope), run one training step of
     ``batch`` sequences of ``clips`` (default ``cfg.data.num_clips``) and measure its memory (module docstring).
@@ -224,7 +254,10 @@ def measure_step(
     ``avmt.train`` does on a GPU.
     """
     if scope not in SCOPES or mode not in MODES or precision not in PRECISIONS:
-        raise ValueError(f"scope={scope!r}, mode={mode!r}, precision={precision!r}: expected scope in {SCOPES}, mode in {MODES}, precision in {PRECISIONS}")
+        raise ValueError(
+            f"scope={scope!r}, mode={mode!r}, precision={precision!r}: "
+            f"expected scope in {SCOPES}, mode in {MODES}, precision in {PRECISIONS}"
+        )
     if scope == "pretraining" and mode == "fake":
         raise ValueError("scope='pretraining' needs mode='real': masking and negative sampling depend on the data (FakeTensor has none)")
     device = torch.device(device)
@@ -312,20 +345,38 @@ def measure_step(
             step(None)
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device)
-        # drop the graph's references before the model goes
-        del opt
+        opt = None  # drop the optimizer's references to the fake/real parameters before the model goes
     m = cfg.model
     return StepMemory(
-        scope=scope, mode=mode, device=str(device), precision=precision, batch=batch, clips=t, sharing=m.sharing, dim=m.dim,
-        layers=m.layers, heads=m.heads, ffn_dim=m.ffn_dim, rank=m.rank, params=params, weights=weights, grads=grads,
-        optimizer=optimizer, optimizer_steps=step_bytes, optimizer_buffers=max(n_buffers, default=0), activations=dict(counter.by_phase),
+        scope=scope,
+        mode=mode,
+        device=str(device),
+        precision=precision,
+        batch=batch,
+        clips=t,
+        sharing=m.sharing,
+        dim=m.dim,
+        layers=m.layers,
+        heads=m.heads,
+        ffn_dim=m.ffn_dim,
+        rank=m.rank,
+        params=params,
+        weights=weights,
+        grads=grads,
+        optimizer=optimizer,
+        optimizer_steps=step_bytes,
+        optimizer_buffers=max(n_buffers, default=0),
+        activations=dict(counter.by_phase),
         weight_copies=counter.weight_copies,
-        inputs=input_bytes, peak_allocated=peak, seconds=time.perf_counter() - start,
+        inputs=input_bytes,
+        peak_allocated=peak,
+        seconds=time.perf_counter() - start,
     )
 
 
-def _pretraining_loss(pre: Pretraining | None, model: AVBert, inputs: list[Tensor], counter: SavedTensorCounter | None,
-                      gen: torch.Generator) -> Tensor:
+def _pretraining_loss(
+    pre: Pretraining | None, model: AVBert, inputs: list[Tensor], counter: SavedTensorCounter | None, gen: torch.Generator
+) -> Tensor:
     """The real objective, with the counter's phase following the model's parts (CNN, Transformers, heads)."""
     assert pre is not None
     if counter is None:
@@ -338,6 +389,7 @@ def _pretraining_loss(pre: Pretraining | None, model: AVBert, inputs: list[Tenso
             out = fn(*a, **k)
             counter.phase = after
             return out
+
         return wrapped
 
     model.embed_visual = phased(originals[0], "cnn", "heads")  # type: ignore[method-assign]

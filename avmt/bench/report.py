@@ -15,16 +15,22 @@ Where the same case was measured more than once, full-mode runs win over quick o
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from avmt.config import SHARING_SCHEMES
 
 MiB = 2**20
 COMPONENTS = ("weights", "grads", "optimizer", "weight_copies", "activations")
-COMPONENT_LABELS = {"weights": "weights", "grads": "gradients", "optimizer": "AdamW state (3 buffers)",
-                    "weight_copies": "bf16 weight copies (autocast)", "activations": "activations"}
+COMPONENT_LABELS = {
+    "weights": "weights",
+    "grads": "gradients",
+    "optimizer": "AdamW state (3 buffers)",
+    "weight_copies": "bf16 weight copies (autocast)",
+    "activations": "activations",
+}
 
 
 @dataclass
@@ -77,17 +83,43 @@ def load_results(paths: Iterable[str | Path]) -> Results:
                 res.records.append(Record(str(f), meta, b.get("name", ""), dict(b.get("extra_info") or {}), dict(b.get("stats") or {})))
         elif isinstance(data, dict) and data.get("bench") == "cpu_loader":
             res.loader.append({"path": str(f), **data})
-            res.sources.append({"path": str(f), "kind": "bench_loader.py", "device": f"cpu ({data.get('cpus')} cores)", "torch": data.get("torch"),
-                                "date": data.get("date"), "command": data.get("command"), "mode": "quick" if data.get("quick") else "full"})
+            res.sources.append(
+                {
+                    "path": str(f),
+                    "kind": "bench_loader.py",
+                    "device": f"cpu ({data.get('cpus')} cores)",
+                    "torch": data.get("torch"),
+                    "date": data.get("date"),
+                    "command": data.get("command"),
+                    "mode": "quick" if data.get("quick") else "full",
+                }
+            )
         elif isinstance(data, dict) and data.get("kind") == "avmt-gpu-check":
             res.gpu_checks.append({"path": str(f), **data})
-            res.sources.append({"path": str(f), "kind": "python -m avmt.bench gpu", "device": (data.get("device") or {}).get("name"),
-                                "torch": (data.get("versions") or {}).get("torch"), "date": data.get("date"), "command": data.get("command"),
-                                "mode": "dry run" if data.get("dry_run") else "full"})
+            res.sources.append(
+                {
+                    "path": str(f),
+                    "kind": "python -m avmt.bench gpu",
+                    "device": (data.get("device") or {}).get("name"),
+                    "torch": (data.get("versions") or {}).get("torch"),
+                    "date": data.get("date"),
+                    "command": data.get("command"),
+                    "mode": "dry run" if data.get("dry_run") else "full",
+                }
+            )
         elif isinstance(data, dict) and str(data.get("benchmark", "")).startswith("sample_negatives"):
             res.sampling.append({"path": str(f), **data})
-            res.sources.append({"path": str(f), "kind": "sampling sweep", "device": data.get("device"), "torch": data.get("torch"), "date": data.get("date"),
-                                "command": data.get("command"), "mode": "full"})
+            res.sources.append(
+                {
+                    "path": str(f),
+                    "kind": "sampling sweep",
+                    "device": data.get("device"),
+                    "torch": data.get("torch"),
+                    "date": data.get("date"),
+                    "command": data.get("command"),
+                    "mode": "full",
+                }
+            )
         else:
             res.skipped.append(f"{f}: not a result file this report knows")
     return res
@@ -122,8 +154,20 @@ def _scheme_order(s: str) -> int:
 # -- memory ----------------------------------------------------------------------------------------------------------
 def memory_records(res: Results) -> dict[tuple, Record]:
     mem = [r for r in res.records if r.info.get("kind") == "memory"]
-    return _latest(mem, lambda r: (r.info["scope"], r.info["mode"], r.info["precision"], r.info["preset"], r.info["variant"],
-                                   r.info["sharing"], r.info["batch"], r.info["clips"], r.info["device"]))
+    return _latest(
+        mem,
+        lambda r: (
+            r.info["scope"],
+            r.info["mode"],
+            r.info["precision"],
+            r.info["preset"],
+            r.info["variant"],
+            r.info["sharing"],
+            r.info["batch"],
+            r.info["clips"],
+            r.info["device"],
+        ),
+    )
 
 
 def _mem_component(info: dict[str, Any], comp: str, parts: tuple[str, ...] | None = None) -> int:
@@ -146,9 +190,13 @@ def transformer_ratio(mem: dict[tuple, Any]) -> dict[str, Any] | None:
     if "none" not in pick or "lowrank" not in pick:
         return None
     state = {s: r.info["transformer_train_state"] for s, r in pick.items()}
-    return {"none_bytes": state["none"], "lowrank_bytes": state["lowrank"], "ratio": state["none"] / state["lowrank"],
-            "param_ratio": pick["none"].info["params"]["transformer"] / pick["lowrank"].info["params"]["transformer"],
-            "state": state}
+    return {
+        "none_bytes": state["none"],
+        "lowrank_bytes": state["lowrank"],
+        "ratio": state["none"] / state["lowrank"],
+        "param_ratio": pick["none"].info["params"]["transformer"] / pick["lowrank"].info["params"]["transformer"],
+        "state": state,
+    }
 
 
 def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
@@ -167,12 +215,18 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
     ]
     ratio = transformer_ratio(mem)
     if ratio:
-        md += [f"**Transformer part, paper preset: weights + gradients + AdamW state {mib(ratio['none_bytes'])} MiB (`none`) vs "
-               f"{mib(ratio['lowrank_bytes'])} MiB (`lowrank`): {ratio['ratio']:.1f}× smaller** (parameter ratio {ratio['param_ratio']:.1f}×).", ""]
+        md += [
+            f"**Transformer part, paper preset: weights + gradients + AdamW state {mib(ratio['none_bytes'])} MiB (`none`) vs "
+            f"{mib(ratio['lowrank_bytes'])} MiB (`lowrank`): {ratio['ratio']:.1f}× smaller** "
+            f"(parameter ratio {ratio['param_ratio']:.1f}×).",
+            "",
+        ]
 
     def shapes(scope: str, preset: str, variant: str, precision: str) -> list[tuple[int, int]]:
         """The (batch, clips) measured for this case, largest batch first."""
-        return sorted({(k[6], k[7]) for k in mem if k[0] == scope and k[3] == preset and k[4] == variant and k[2] == precision}, reverse=True)
+        return sorted(
+            {(k[6], k[7]) for k in mem if k[0] == scope and k[3] == preset and k[4] == variant and k[2] == precision}, reverse=True
+        )
 
     def group(scope: str, preset: str, variant: str, precision: str, shape: tuple[int, int]) -> dict[str, Record]:
         rows = {}
@@ -183,23 +237,43 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
 
     def describe(r: Record) -> str:
         i = r.info
-        return (f"D={i['dim']}, L={i['layers']}, heads={i['heads']}, FFN={i['ffn_dim']}, O={i['rank']}, batch {i['batch']} × T={i['clips']} clips, "
-                f"{i['precision']}, {i['mode']} on {i['device']} ({Path(r.source).name})")
+        return (
+            f"D={i['dim']}, L={i['layers']}, heads={i['heads']}, FFN={i['ffn_dim']}, O={i['rank']}, "
+            f"batch {i['batch']} × T={i['clips']} clips, "
+            f"{i['precision']}, {i['mode']} on {i['device']} ({Path(r.source).name})"
+        )
 
     # 1. Transformer part / whole model at the paper preset, per precision
-    for scope, title, parts in (("transformer", "Transformer part (`model.encode`)", ("transformer", "embedding")),
-                                ("model", "Whole model with CNNs (CNNs + projections + Transformers)", None),
-                                ("pretraining", "Real pretraining step (MEP + CPP heads included)", None)):
+    for scope, title, parts in (
+        ("transformer", "Transformer part (`model.encode`)", ("transformer", "embedding")),
+        ("model", "Whole model with CNNs (CNNs + projections + Transformers)", None),
+        ("pretraining", "Real pretraining step (MEP + CPP heads included)", None),
+    ):
         for preset in sorted({k[3] for k in mem if k[0] == scope}, key=lambda p: (p != "paper", p)):
             for precision, shape in ((p, sh) for p in ("fp32", "bf16") for sh in shapes(scope, preset, preset, p)):
                 rows = group(scope, preset, preset, precision, shape)
                 first = next(iter(rows.values()))
                 modes = sorted({r.info["mode"] for r in rows.values()})
-                md += [f"### {title}: `{preset}` preset, batch {shape[0]} × T={shape[1]}, {precision}", "",
-                       describe(first).replace(f", {first.info['mode']} on", f", {' + '.join(modes)} on"), ""]
+                md += [
+                    f"### {title}: `{preset}` preset, batch {shape[0]} × T={shape[1]}, {precision}",
+                    "",
+                    describe(first).replace(f", {first.info['mode']} on", f", {' + '.join(modes)} on"),
+                    "",
+                ]
                 copies = any(r.info.get("weight_copies") for r in rows.values())
-                head = ["scheme", "Transformer params", "weights MiB", "gradients MiB", "AdamW MiB", "Transformer w+g+opt MiB",
-                        "vs none", "activations MiB", "(CNN / Transformer / heads)", *(["bf16 weight copies MiB"] if copies else []), "total MiB"]
+                head = [
+                    "scheme",
+                    "Transformer params",
+                    "weights MiB",
+                    "gradients MiB",
+                    "AdamW MiB",
+                    "Transformer w+g+opt MiB",
+                    "vs none",
+                    "activations MiB",
+                    "(CNN / Transformer / heads)",
+                    *(["bf16 weight copies MiB"] if copies else []),
+                    "total MiB",
+                ]
                 bstate = rows["none"].info["transformer_train_state"] if "none" in rows else None
                 table = []
                 for s, r in rows.items():
@@ -207,14 +281,30 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
                     tstate = i["transformer_train_state"]
                     split = " / ".join(mib(i["activations"].get(p, 0)) for p in ("cnn", "transformer", "heads") if p in i["activations"])
                     peak = f" (GPU peak {mib(i['peak_allocated'])})" if i.get("peak_allocated") else ""
-                    table.append([f"`{s}`", f"{i['params']['transformer']:,}", mib(_mem_component(i, "weights", parts)),
-                                  mib(_mem_component(i, "grads", parts)), mib(_mem_component(i, "optimizer", parts)), mib(tstate),
-                                  f"{bstate / tstate:.1f}× smaller" if bstate and s != "none" else "-", mib(_mem_component(i, "activations")),
-                                  split, *([mib(i.get("weight_copies", 0))] if copies else []), mib(i["estimated_peak"]) + peak])
+                    table.append(
+                        [
+                            f"`{s}`",
+                            f"{i['params']['transformer']:,}",
+                            mib(_mem_component(i, "weights", parts)),
+                            mib(_mem_component(i, "grads", parts)),
+                            mib(_mem_component(i, "optimizer", parts)),
+                            mib(tstate),
+                            f"{bstate / tstate:.1f}× smaller" if bstate and s != "none" else "-",
+                            mib(_mem_component(i, "activations")),
+                            split,
+                            *([mib(i.get("weight_copies", 0))] if copies else []),
+                            mib(i["estimated_peak"]) + peak,
+                        ]
+                    )
                 md += [_table(head, table), ""]
                 if plots:
                     name = f"memory_{scope}_{preset}_b{shape[0]}_t{shape[1]}_{precision}.png"
-                    _plot_stacked(rows, parts, out_dir / name, f"{title}\n{preset} preset, batch {first.info['batch']}, T={first.info['clips']}, {precision}")
+                    _plot_stacked(
+                        rows,
+                        parts,
+                        out_dir / name,
+                        f"{title}\n{preset} preset, batch {first.info['batch']}, T={first.info['clips']}, {precision}",
+                    )
                     md += [f"![{title}, {preset}]({name})", ""]
 
     # 2. sweeps around the paper preset
@@ -222,12 +312,18 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
         variants = sorted({k[4] for k in mem if k[0] == scope and k[3] == "paper" and k[2] == "fp32"})
         if len(variants) < 2:
             continue
-        md += [f"### Sweep around the paper preset: {title}, fp32, batch {BATCH_NOTE}", "",
-               "Per cell: weights + gradients + AdamW state of the Transformer layers / activations / total, MiB.", ""]
+        md += [
+            f"### Sweep around the paper preset: {title}, fp32, batch {BATCH_NOTE}",
+            "",
+            "Per cell: weights + gradients + AdamW state of the Transformer layers / activations / total, MiB.",
+            "",
+        ]
         cols = [s for s in SHARING_SCHEMES if any(k[5] == s for k in mem if k[0] == scope)]
         table, sweep = [], {}
         for v in sorted(variants, key=_variant_order):
-            rows = group(scope, "paper", v, "fp32", next((sh for sh in shapes(scope, "paper", v, "fp32") if sh[0] == SWEEP_BATCH), (-1, -1)))
+            rows = group(
+                scope, "paper", v, "fp32", next((sh for sh in shapes(scope, "paper", v, "fp32") if sh[0] == SWEEP_BATCH), (-1, -1))
+            )
             if not rows:
                 continue
             first = next(iter(rows.values())).info
@@ -244,7 +340,12 @@ def _memory_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
         md += [_table(["variant", "shape", *[f"`{s}`" for s in cols]], table), ""]
         if plots:
             name = f"memory_sweep_{scope}.png"
-            _plot_sweep(sweep, cols, out_dir / name, f"{title}: memory vs D, L, T (paper preset otherwise), fp32, batch {SWEEP_BATCH}; activations of none/layers/all coincide")
+            _plot_sweep(
+                sweep,
+                cols,
+                out_dir / name,
+                f"{title}: memory vs D, L, T (paper preset otherwise), fp32, batch {SWEEP_BATCH}; activations of none/layers/all coincide",
+            )
             md += [f"![{title} sweep]({name})", ""]
     return md
 
@@ -299,11 +400,24 @@ def _plot_sweep(sweep: dict[tuple[str, str], tuple], schemes: list[str], path: P
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     for ax, (prefix, key, label) in zip(axes, axes_def):
         for s in schemes:
-            pts = sorted({(info[key], state, act) for (v, sc), (info, state, act, _) in sweep.items() if sc == s and (v == "paper" or v.startswith(prefix))})
+            pts = sorted(
+                {
+                    (info[key], state, act)
+                    for (v, sc), (info, state, act, _) in sweep.items()
+                    if sc == s and (v == "paper" or v.startswith(prefix))
+                }
+            )
             if not pts:
                 continue
             line = ax.plot([p[0] for p in pts], [p[1] / MiB for p in pts], marker="o", label=f"{s}: w+g+opt")[0]
-            ax.plot([p[0] for p in pts], [p[2] / MiB for p in pts], marker="x", linestyle="--", color=line.get_color(), label=f"{s}: activations")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[2] / MiB for p in pts],
+                marker="x",
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{s}: activations",
+            )
         ax.set_xlabel(label)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
@@ -317,19 +431,31 @@ def _plot_sweep(sweep: dict[tuple[str, str], tuple], schemes: list[str], path: P
 
 # -- speed -----------------------------------------------------------------------------------------------------------
 def _speed_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
-    steps = _latest([r for r in res.records if r.info.get("kind") == "step"],
-                    lambda r: (r.info["preset"], r.info["sharing"], r.info["batch"], r.info["device"], r.info["precision"]))
+    steps = _latest(
+        [r for r in res.records if r.info.get("kind") == "step"],
+        lambda r: (r.info["preset"], r.info["sharing"], r.info["batch"], r.info["device"], r.info["precision"]),
+    )
     md = ["## Training-step time per sharing scheme", ""]
     if not steps:
         return md + ["No step timings.", ""]
     md += ["One `Pretraining` step (forward with MEP + CPP, backward, AdamW step) on random clips, no data loading.", ""]
     rows = []
-    for k, r in sorted(steps.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][2], _scheme_order(kv[0][1]))):
+    for _key, r in sorted(steps.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][2], _scheme_order(kv[0][1]))):
         i, st = r.info, r.stats
-        rows.append([f"`{i['preset']}`", f"`{i['sharing']}`", str(i["batch"]), f"{i['device']} ({i['precision']})",
-                     f"{st.get('mean', float('nan')):.3f}", f"{st.get('min', float('nan')):.3f}", f"{st.get('median', float('nan')):.3f}",
-                     f"{i['sequences_per_s']:.2f}" if i.get("sequences_per_s") else "-", str(st.get("rounds", "-")),
-                     f"{r.meta.get('mode', '?')}, {Path(r.source).name}"])
+        rows.append(
+            [
+                f"`{i['preset']}`",
+                f"`{i['sharing']}`",
+                str(i["batch"]),
+                f"{i['device']} ({i['precision']})",
+                f"{st.get('mean', float('nan')):.3f}",
+                f"{st.get('min', float('nan')):.3f}",
+                f"{st.get('median', float('nan')):.3f}",
+                f"{i['sequences_per_s']:.2f}" if i.get("sequences_per_s") else "-",
+                str(st.get("rounds", "-")),
+                f"{r.meta.get('mode', '?')}, {Path(r.source).name}",
+            ]
+        )
     md += [_table(["preset", "scheme", "batch", "device", "mean s", "min s", "median s", "sequences/s", "rounds", "run"], rows), ""]
     md += [_load_note(list(steps.values())), ""]
     if plots:
@@ -341,12 +467,22 @@ def _speed_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
         groups = sorted({(k[0], k[2], k[3], k[4]) for k in steps})
         fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
         for ax, (preset, batch, device, precision) in zip(axes[0], groups):
-            sel = sorted(((k[1], r) for k, r in steps.items() if (k[0], k[2], k[3], k[4]) == (preset, batch, device, precision)),
-                         key=lambda x: _scheme_order(x[0]))
+            sel = sorted(
+                ((k[1], r) for k, r in steps.items() if (k[0], k[2], k[3], k[4]) == (preset, batch, device, precision)),
+                key=lambda x: _scheme_order(x[0]),
+            )
             ax.bar([s for s, _ in sel], [r.stats.get("median", 0) for _, r in sel], color="#4c72b0")
-            ax.errorbar([s for s, _ in sel], [r.stats.get("median", 0) for _, r in sel],
-                        yerr=[[r.stats.get("median", 0) - r.stats.get("min", 0) for _, r in sel],
-                              [r.stats.get("max", 0) - r.stats.get("median", 0) for _, r in sel]], fmt="none", color="k", capsize=3)
+            ax.errorbar(
+                [s for s, _ in sel],
+                [r.stats.get("median", 0) for _, r in sel],
+                yerr=[
+                    [r.stats.get("median", 0) - r.stats.get("min", 0) for _, r in sel],
+                    [r.stats.get("max", 0) - r.stats.get("median", 0) for _, r in sel],
+                ],
+                fmt="none",
+                color="k",
+                capsize=3,
+            )
             ax.set_title(f"{preset}, batch {batch}, {device} {precision}", fontsize=9)
             ax.set_ylabel("s per step (median, min-max)")
         fig.tight_layout()
@@ -374,23 +510,44 @@ def _kernel_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
     gpu = [r for r in recs if not r.info.get("interpreter") and not str(r.info.get("device", "cpu")).startswith("cpu")]
     if not gpu:
         n = len(recs)
-        return md + [f"No GPU results yet ({n} CPU/interpreter run{'s' if n != 1 else ''} found, which only prove the benchmark code "
-                     "works). Run `python -m pytest benchmarks/test_bench_lowrank.py --full --benchmark-json=benchmarks/results/lowrank-<gpu>.json` on a GPU.", ""]
-    latest = _latest(gpu, lambda r: (r.info["impl"], r.info["tokens"], r.info["n"], r.info["m"], r.info["gelu"], r.info["backward"], r.info["device"]))
+        return md + [
+            f"No GPU results yet ({n} CPU/interpreter run{'s' if n != 1 else ''} found, which only prove the benchmark code "
+            "works). Run `python -m pytest benchmarks/test_bench_lowrank.py --full "
+            "--benchmark-json=benchmarks/results/lowrank-<gpu>.json` on a GPU.",
+            "",
+        ]
+    latest = _latest(
+        gpu, lambda r: (r.info["impl"], r.info["tokens"], r.info["n"], r.info["m"], r.info["gelu"], r.info["backward"], r.info["device"])
+    )
     cases = sorted({k[1:] for k in latest})
     rows, curves = [], {}
     for tokens, n, m, gelu, backward, device in cases:
-        t = {impl: latest[(impl, tokens, n, m, gelu, backward, device)].stats.get("median") for impl in ("triton", "reference", "compiled")
-             if (impl, tokens, n, m, gelu, backward, device) in latest}
+        t = {
+            impl: latest[(impl, tokens, n, m, gelu, backward, device)].stats.get("median")
+            for impl in ("triton", "reference", "compiled")
+            if (impl, tokens, n, m, gelu, backward, device) in latest
+        }
         tri = t.get("triton")
         su_ref = t["reference"] / tri if tri and t.get("reference") else None
         su_comp = t["compiled"] / tri if tri and t.get("compiled") else None
         gbs = latest[("triton", tokens, n, m, gelu, backward, device)].info.get("gb_per_s") if tri else None
-        rows.append([str(tokens), f"{n}→{m}{' +GELU' if gelu else ''}", "fwd+bwd" if backward else "fwd", device,
-                     *(f"{t[i] * 1e3:.3f}" if t.get(i) else "-" for i in ("triton", "reference", "compiled")),
-                     f"{su_ref:.2f}×" if su_ref else "-", f"{su_comp:.2f}×" if su_comp else "-", f"{gbs:.0f}" if gbs else "-"])
+        rows.append(
+            [
+                str(tokens),
+                f"{n}→{m}{' +GELU' if gelu else ''}",
+                "fwd+bwd" if backward else "fwd",
+                device,
+                *(f"{t[i] * 1e3:.3f}" if t.get(i) else "-" for i in ("triton", "reference", "compiled")),
+                f"{su_ref:.2f}×" if su_ref else "-",
+                f"{su_comp:.2f}×" if su_comp else "-",
+                f"{gbs:.0f}" if gbs else "-",
+            ]
+        )
         curves.setdefault((n, m, gelu, backward), []).append((tokens, su_ref, su_comp))
-    md += [_table(["tokens", "map", "pass", "device", "Triton ms", "eager ms", "compiled ms", "vs eager", "vs compile", "Triton GB/s"], rows), ""]
+    md += [
+        _table(["tokens", "map", "pass", "device", "Triton ms", "eager ms", "compiled ms", "vs eager", "vs compile", "Triton GB/s"], rows),
+        "",
+    ]
     if plots:
         import matplotlib
 
@@ -420,15 +577,35 @@ def _sampling_section(res: Results) -> list[str]:
     rows = []
     for s in res.sampling:
         for r in s.get("results", []):
-            rows.append([r.get("backend", "?"), f"{r.get('np', 0):,}", str(r.get("na", "")), f"{r.get('median_ms', float('nan')):,.2f}",
-                         f"{r.get('min_ms', float('nan')):,.2f}", f"{r.get('peak_extra_mib', float('nan')):,.1f}", str(s.get("device", "?")),
-                         Path(s["path"]).name])
-    recs = _latest([r for r in res.records if "backend" in r.info and "np" in r.info],
-                   lambda r: (r.info["backend"], r.info["np"], r.info.get("device")))
+            rows.append(
+                [
+                    r.get("backend", "?"),
+                    f"{r.get('np', 0):,}",
+                    str(r.get("na", "")),
+                    f"{r.get('median_ms', float('nan')):,.2f}",
+                    f"{r.get('min_ms', float('nan')):,.2f}",
+                    f"{r.get('peak_extra_mib', float('nan')):,.1f}",
+                    str(s.get("device", "?")),
+                    Path(s["path"]).name,
+                ]
+            )
+    recs = _latest(
+        [r for r in res.records if "backend" in r.info and "np" in r.info],
+        lambda r: (r.info["backend"], r.info["np"], r.info.get("device")),
+    )
     for (backend, np_, device), r in sorted(recs.items(), key=lambda kv: (str(kv[0][2]), kv[0][0], kv[0][1])):
-        rows.append([backend, f"{np_:,}", str(r.info.get("na", "")), f"{r.stats.get('median', float('nan')) * 1e3:,.2f}",
-                     f"{r.stats.get('min', float('nan')) * 1e3:,.2f}", mib(r.info.get("peak_extra_bytes")), str(device),
-                     f"{Path(r.source).name} ({r.meta.get('mode', '?')})"])
+        rows.append(
+            [
+                backend,
+                f"{np_:,}",
+                str(r.info.get("na", "")),
+                f"{r.stats.get('median', float('nan')) * 1e3:,.2f}",
+                f"{r.stats.get('min', float('nan')) * 1e3:,.2f}",
+                mib(r.info.get("peak_extra_bytes")),
+                str(device),
+                f"{Path(r.source).name} ({r.meta.get('mode', '?')})",
+            ]
+        )
     if not rows:
         return md + ["No sampling results.", ""]
     return md + [_table(["backend", "pool Np", "anchors", "median ms", "min ms", "peak extra MiB", "device", "file"], rows), ""]
@@ -438,10 +615,25 @@ def _loader_section(res: Results) -> list[str]:
     md = ["## Data loader (collected)", ""]
     if not res.loader:
         return md + ["No loader results.", ""]
-    rows = [[Path(d["path"]).name, f"{d.get('sequences_per_s')}", f"{d.get('seconds_per_sequence')}", str(d.get("batch_size")),
-             str(d.get("workers")), str(d.get("cpus")), "quick" if d.get("quick") else "full", str(d.get("date"))] for d in res.loader]
-    return md + ["CPU (PyAV) loader at the paper shapes (T=15 × 32 frames, 112², 80×128 log-mel).", "",
-                 _table(["file", "sequences/s", "s/sequence", "batch", "workers", "cpus", "mode", "date"], rows), ""]
+    rows = [
+        [
+            Path(d["path"]).name,
+            f"{d.get('sequences_per_s')}",
+            f"{d.get('seconds_per_sequence')}",
+            str(d.get("batch_size")),
+            str(d.get("workers")),
+            str(d.get("cpus")),
+            "quick" if d.get("quick") else "full",
+            str(d.get("date")),
+        ]
+        for d in res.loader
+    ]
+    return md + [
+        "CPU (PyAV) loader at the paper shapes (T=15 × 32 frames, 112², 80×128 log-mel).",
+        "",
+        _table(["file", "sequences/s", "s/sequence", "batch", "workers", "cpus", "mode", "date"], rows),
+        "",
+    ]
 
 
 def _largest_batch_section(res: Results) -> list[str]:
@@ -449,8 +641,10 @@ def _largest_batch_section(res: Results) -> list[str]:
     recs = _latest([r for r in res.records if r.info.get("kind") == "largest_batch"], lambda r: (r.info["sharing"], r.info["device"]))
     if not recs:
         return md + ["No GPU results yet: `test_bench_step.py::test_largest_batch` runs on a CUDA device only.", ""]
-    rows = [[f"`{s}`", dev, str(r.info["largest_batch"]), mib(r.info.get("memory_bytes")), str(len(r.info.get("trials", [])))]
-            for (s, dev), r in sorted(recs.items(), key=lambda kv: _scheme_order(kv[0][0]))]
+    rows = [
+        [f"`{s}`", dev, str(r.info["largest_batch"]), mib(r.info.get("memory_bytes")), str(len(r.info.get("trials", [])))]
+        for (s, dev), r in sorted(recs.items(), key=lambda kv: _scheme_order(kv[0][0]))
+    ]
     return md + [_table(["scheme", "device", "largest batch", "device MiB", "tries"], rows), ""]
 
 
@@ -464,48 +658,113 @@ def _gpu_check_section(res: Results) -> list[str]:
         return md + ["No GPU check results yet.", ""]
     for chk in sorted(res.gpu_checks, key=lambda c: str(c.get("date")), reverse=True):
         dev, parts = chk.get("device") or {}, chk.get("parts") or {}
-        md += [f"### {dev.get('name', '?')}, {chk.get('date', '?')}{' (dry run)' if chk.get('dry_run') else ''}", "",
-               f"`{Path(chk['path']).name}`, commit `{chk.get('commit')}`, {chk.get('total_s', '?')} s of a {chk.get('budget_s')} s budget; "
-               f"torch {(chk.get('versions') or {}).get('torch')}, Triton {(chk.get('versions') or {}).get('triton')}", ""]
-        md += [_table(["part", "status", "seconds", "note"],
-                      [[p, r.get("status", "?"), str(r.get("seconds", "-")), str(r.get("reason") or r.get("note") or "")[:160]]
-                       for p, r in parts.items()]), ""]
+        md += [
+            f"### {dev.get('name', '?')}, {chk.get('date', '?')}{' (dry run)' if chk.get('dry_run') else ''}",
+            "",
+            f"`{Path(chk['path']).name}`, commit `{chk.get('commit')}`, {chk.get('total_s', '?')} s of a {chk.get('budget_s')} s budget; "
+            f"torch {(chk.get('versions') or {}).get('torch')}, Triton {(chk.get('versions') or {}).get('triton')}",
+            "",
+        ]
+        md += [
+            _table(
+                ["part", "status", "seconds", "note"],
+                [
+                    [p, r.get("status", "?"), str(r.get("seconds", "-")), str(r.get("reason") or r.get("note") or "")[:160]]
+                    for p, r in parts.items()
+                ],
+            ),
+            "",
+        ]
         speed = (parts.get("sampling") or {}).get("speed") or []
         fast = (parts.get("sampling") or {}).get("fast_backend", "fast")
         if speed:
             md += [f"Negative sampling, `{fast}` backend (ms per call; D={speed[0].get('d')}, k={speed[0].get('k')}, Na = 15% of Np):", ""]
-            md += [_table(["Np", fast, "reference", "C++ (CPU)", "vs reference", "syncs/call"],
-                          [[str(r["np"]), _ms(r.get(f"{fast}_s")), _ms(r.get("reference_s")), _ms(r.get("cpp_s")),
+            md += [
+                _table(
+                    ["Np", fast, "reference", "C++ (CPU)", "vs reference", "syncs/call"],
+                    [
+                        [
+                            str(r["np"]),
+                            _ms(r.get(f"{fast}_s")),
+                            _ms(r.get("reference_s")),
+                            _ms(r.get("cpp_s")),
                             f"{r['reference_s'] / r[f'{fast}_s']:.1f}×" if r.get("reference_s") and r.get(f"{fast}_s") else "-",
-                            str(r.get("syncs_per_call"))] for r in speed]), ""]
+                            str(r.get("syncs_per_call")),
+                        ]
+                        for r in speed
+                    ],
+                ),
+                "",
+            ]
         low = parts.get("lowrank") or {}
         acc = low.get("accuracy") or []
         if acc:
             worst = max(acc, key=lambda c: c["worst_ratio"])
-            md += [f"Low-rank kernels: {sum(c['passed'] for c in acc)} of {len(acc)} accuracy cases within 2× of the reference "
-                   f"(worst ratio {worst['worst_ratio']:.2f}, {worst['dtype']} N={worst['n']} M={worst['m']} {worst['impl']}).", ""]
+            md += [
+                f"Low-rank kernels: {sum(c['passed'] for c in acc)} of {len(acc)} accuracy cases within 2× of the reference "
+                f"(worst ratio {worst['worst_ratio']:.2f}, {worst['dtype']} N={worst['n']} M={worst['m']} {worst['impl']}).",
+                "",
+            ]
         rows = [r for r in low.get("speed") or [] if "reference_fwd_bwd_s" in r]
         if rows:
             md += ["Low-rank map, forward+backward ms (speed-up of Triton over eager / over torch.compile):", ""]
-            md += [_table(["N→M", "tokens", "dtype", "eager", "Triton", "compiled", "Triton vs eager", "vs compiled", "syncs"],
-                          [[f"{r['n']}→{r['m']}{' +GELU' if r['gelu'] else ''}", str(r["tokens"]), r["dtype"], _ms(r["reference_fwd_bwd_s"]),
-                            _ms(r["triton_fwd_bwd_s"]), _ms(r.get("compiled_fwd_bwd_s")),
+            md += [
+                _table(
+                    ["N→M", "tokens", "dtype", "eager", "Triton", "compiled", "Triton vs eager", "vs compiled", "syncs"],
+                    [
+                        [
+                            f"{r['n']}→{r['m']}{' +GELU' if r['gelu'] else ''}",
+                            str(r["tokens"]),
+                            r["dtype"],
+                            _ms(r["reference_fwd_bwd_s"]),
+                            _ms(r["triton_fwd_bwd_s"]),
+                            _ms(r.get("compiled_fwd_bwd_s")),
                             f"{r['reference_fwd_bwd_s'] / r['triton_fwd_bwd_s']:.2f}×",
                             f"{r['compiled_fwd_bwd_s'] / r['triton_fwd_bwd_s']:.2f}×" if r.get("compiled_fwd_bwd_s") else "-",
-                            str(r.get("triton_syncs_per_fwd_bwd"))] for r in rows]), ""]
+                            str(r.get("triton_syncs_per_fwd_bwd")),
+                        ]
+                        for r in rows
+                    ],
+                ),
+                "",
+            ]
         steps = {s: r for s, r in ((parts.get("step") or {}).get("steps") or {}).items() if "seconds_per_step" in r}
         if steps:
             first = next(iter(steps.values()))
             md += [f"Pretraining step, `{first['preset']}` preset, batch {first['batch']} × T={first['clips']}, {first['precision']}:", ""]
-            md += [_table(["scheme", "s/step", "sequences/s", "peak MiB", "syncs/step"],
-                          [[f"`{s}`", f"{r['seconds_per_step']:.3g}", f"{r['sequences_per_s']:.3g}", mib(r.get("peak_allocated_bytes")),
-                            str(r.get("syncs_per_step"))] for s, r in sorted(steps.items(), key=lambda kv: _scheme_order(kv[0]))]), ""]
+            md += [
+                _table(
+                    ["scheme", "s/step", "sequences/s", "peak MiB", "syncs/step"],
+                    [
+                        [
+                            f"`{s}`",
+                            f"{r['seconds_per_step']:.3g}",
+                            f"{r['sequences_per_s']:.3g}",
+                            mib(r.get("peak_allocated_bytes")),
+                            str(r.get("syncs_per_step")),
+                        ]
+                        for s, r in sorted(steps.items(), key=lambda kv: _scheme_order(kv[0]))
+                    ],
+                ),
+                "",
+            ]
         largest = (parts.get("largest_batch") or {}).get("largest_batch") or {}
         if largest:
             md += ["Largest batch that fits:", ""]
-            md += [_table(["scheme", "largest batch", "tries"],
-                          [[f"`{s}`", str(r.get("largest_batch", f"≥ {r.get('largest_batch_at_least')} (stopped)")), str(len(r.get("trials", [])))]
-                           for s, r in sorted(largest.items(), key=lambda kv: _scheme_order(kv[0]))]), ""]
+            md += [
+                _table(
+                    ["scheme", "largest batch", "tries"],
+                    [
+                        [
+                            f"`{s}`",
+                            str(r.get("largest_batch", f"≥ {r.get('largest_batch_at_least')} (stopped)")),
+                            str(len(r.get("trials", []))),
+                        ]
+                        for s, r in sorted(largest.items(), key=lambda kv: _scheme_order(kv[0]))
+                    ],
+                ),
+                "",
+            ]
     return md
 
 
@@ -514,8 +773,11 @@ def render(res: Results, out_dir: str | Path, plots: bool = True) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = ["# avmt benchmark report", "", "Generated by `python -m avmt.bench report` from:", ""]
-    md += [f"- `{Path(s['path']).name}`: {s['kind']}, {s.get('mode') or '?'} mode, {s.get('device') or '?'}, torch {s.get('torch') or '?'}, "
-           f"{s.get('date') or '?'}; `{s.get('command') or '?'}`" for s in res.sources]
+    md += [
+        f"- `{Path(s['path']).name}`: {s['kind']}, {s.get('mode') or '?'} mode, {s.get('device') or '?'}, torch {s.get('torch') or '?'}, "
+        f"{s.get('date') or '?'}; `{s.get('command') or '?'}`"
+        for s in res.sources
+    ]
     md += [""]
     md += _gpu_check_section(res)
     md += _memory_section(res, out_dir, plots)

@@ -8,7 +8,7 @@ model, ``torch.cuda.OutOfMemoryError`` caught and the memory released, so a fail
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -31,8 +31,15 @@ def mel_to_hz(m: Tensor) -> Tensor:
     return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
 
 
-def mel_filter_bank(n_fft: int, sample_rate: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None,
-                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+def mel_filter_bank(
+    n_fft: int,
+    sample_rate: int,
+    n_mels: int,
+    f_min: float = 0.0,
+    f_max: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Triangular HTK-mel filters ``[n_mels, n_fft // 2 + 1]``: filter m rises linearly from mel point m to
     m+1 and falls to m+2, where the ``n_mels + 2`` points are evenly spaced in mel over [f_min, f_max]."""
     f_max = sample_rate / 2 if f_max is None else f_max
@@ -77,8 +84,7 @@ def log_mel(wave: Tensor, spec: MelSpec, fbank: Tensor | None = None) -> Tensor:
     lead = wave.shape[:-1]
     flat = wave.reshape(-1, spec.num_samples)
     window = torch.hann_window(spec.n_fft, periodic=True, dtype=wave.dtype, device=wave.device)
-    stft = torch.stft(flat, spec.n_fft, hop_length=spec.hop, window=window, center=True, pad_mode="reflect",
-                      return_complex=True)
+    stft = torch.stft(flat, spec.n_fft, hop_length=spec.hop, window=window, center=True, pad_mode="reflect", return_complex=True)
     power = stft.real.square() + stft.imag.square()  # [N, n_fft//2+1, frames]
     if fbank is None:
         fbank = mel_filter_bank(spec.n_fft, spec.sample_rate, spec.n_mels, dtype=wave.dtype, device=wave.device)

@@ -1,6 +1,6 @@
 """Where a training sequence comes from in a video: window, clips, frame indices, audio samples, crop.
 
-Layout (SPEC §5). A sequence is a window of ``W = window_seconds`` split into ``T = num_clips`` equal
+Layout (docs/method.md §5). A sequence is a window of ``W = window_seconds`` split into ``T = num_clips`` equal
 segments of ``W / T`` seconds. Each segment holds one *clip span* of ``clip_seconds``: the clip's audio
 window is the whole span and its ``F = frames`` video frames at ``fps`` are centred in the span
 (paper: 2 s span, 32 frames at 16 fps = 2 s, so frames and audio cover exactly the same 2 s).
@@ -47,8 +47,15 @@ class SequencePlan:
     short: bool
 
 
-def plan_sequence(cfg: DataConfig, duration: float, native_fps: float, num_frames: int, train: bool,
-                  rng: np.random.Generator | None = None, span: tuple[float, float | None] = (0.0, None)) -> SequencePlan:
+def plan_sequence(
+    cfg: DataConfig,
+    duration: float,
+    native_fps: float,
+    num_frames: int,
+    train: bool,
+    rng: np.random.Generator | None = None,
+    span: tuple[float, float | None] = (0.0, None),
+) -> SequencePlan:
     """Plan one sequence from a video whose usable content is ``span`` (default: all of ``duration``)."""
     if train and rng is None:
         raise ValueError("train mode needs a numpy Generator for the random window and clip offsets")

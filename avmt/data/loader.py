@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from avmt.data.loader_cpu import CPULoader
     from avmt.data.loader_dali import DALILoader
 
-    Loader = Union[CPULoader, DALILoader]
+    Loader = CPULoader | DALILoader
 
 LOADERS = ("cpu", "dali")
 # Video codecs (PyAV/FFmpeg names, the manifest's ``video_codec``) that DALI's CPU decoder reads in the PyPI wheel.
@@ -87,8 +87,18 @@ def check_dali_cpu_codecs(records: Sequence[dict]) -> None:
         )
 
 
-def build_loader(manifest: str | Path | Sequence[dict], cfg: DataConfig, batch_size: int, train: bool, device: torch.device | str,
-                 seed: int = 0, shard_id: int = 0, num_shards: int = 1, drop_last: bool = False, choice: str | None = None) -> Loader:
+def build_loader(
+    manifest: str | Path | Sequence[dict],
+    cfg: DataConfig,
+    batch_size: int,
+    train: bool,
+    device: torch.device | str,
+    seed: int = 0,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    drop_last: bool = False,
+    choice: str | None = None,
+) -> Loader:
     """The loader ``choice`` (default ``cfg.loader``) selects for ``device``, over a manifest path or its records.
 
     Batches are ``[B, ...]`` tensors on ``device`` for DALI on a GPU, on the CPU otherwise (the caller moves them).
@@ -99,8 +109,17 @@ def build_loader(manifest: str | Path | Sequence[dict], cfg: DataConfig, batch_s
     if name == "cpu":
         from avmt.data.loader_cpu import CPULoader
 
-        return CPULoader(manifest, cfg, batch_size, train=train, seed=seed, num_workers=cfg.num_workers,
-                         shard_id=shard_id, num_shards=num_shards, drop_last=drop_last)
+        return CPULoader(
+            manifest,
+            cfg,
+            batch_size,
+            train=train,
+            seed=seed,
+            num_workers=cfg.num_workers,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            drop_last=drop_last,
+        )
     from avmt.data.loader_dali import DALILoader
     from avmt.data.prepare import load_manifest
 
@@ -111,5 +130,15 @@ def build_loader(manifest: str | Path | Sequence[dict], cfg: DataConfig, batch_s
         device_id = None
         check_dali_cpu_codecs(records)
     # DALI's own thread pool replaces the DataLoader workers: num_workers sets its size (at least one thread)
-    return DALILoader(records, cfg, batch_size, train=train, seed=seed, device_id=device_id, shard_id=shard_id,
-                      num_shards=num_shards, num_threads=max(1, cfg.num_workers), drop_last=drop_last)
+    return DALILoader(
+        records,
+        cfg,
+        batch_size,
+        train=train,
+        seed=seed,
+        device_id=device_id,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        num_threads=max(1, cfg.num_workers),
+        drop_last=drop_last,
+    )

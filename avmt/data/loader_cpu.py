@@ -28,9 +28,9 @@ from torch import Tensor
 
 from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
+from avmt.data.clips import CropPlan, SequencePlan, plan_crop, plan_sequence, sample_rng, shard_indices
 from avmt.data.media import read_audio, read_frames
 from avmt.data.prepare import load_manifest
-from avmt.data.clips import CropPlan, SequencePlan, plan_crop, plan_sequence, sample_rng, shard_indices
 
 log = logging.getLogger("avmt.data")
 
@@ -63,8 +63,9 @@ def transform_frames(frames: Tensor, crop: CropPlan, num_clips: int) -> Tensor:
     Resize (bilinear, antialiased, on uint8 -- torch's fast path), crop, flip, then normalise."""
     x = frames.permute(0, 3, 1, 2)  # [N, 3, H, W]
     if tuple(x.shape[-2:]) != crop.size:
-        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=crop.size, mode="bilinear",
-                          antialias=True, align_corners=False)
+        x = F.interpolate(
+            x.contiguous(memory_format=torch.channels_last), size=crop.size, mode="bilinear", antialias=True, align_corners=False
+        )
     x = x[:, :, crop.top : crop.top + crop.crop, crop.left : crop.left + crop.crop]
     if crop.flip:
         x = x.flip(-1)
@@ -104,8 +105,12 @@ class SequenceDataset(torch.utils.data.Dataset):
         if self.train and self.cfg.spec_mask_rate > 0:
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             audio = spec_augment(audio, self.cfg.spec_mask_rate, gen)
-        return {"video": video, "audio": audio.unsqueeze(1), "label": torch.tensor(rec["label_index"], dtype=torch.int64),
-                "index": torch.tensor(i, dtype=torch.int64)}
+        return {
+            "video": video,
+            "audio": audio.unsqueeze(1),
+            "label": torch.tensor(rec["label_index"], dtype=torch.int64),
+            "index": torch.tensor(i, dtype=torch.int64),
+        }
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         idx, last_error = int(i), None
@@ -115,7 +120,7 @@ class SequenceDataset(torch.utils.data.Dataset):
                 out = self.load(idx, rng)
                 out["failures"] = torch.tensor(attempt, dtype=torch.int64)
                 return out
-            except Exception as e:  # noqa: BLE001 -- any per-file failure is logged, counted and replaced
+            except Exception as e:
                 last_error = e
                 log.warning("sample %d (%s) failed: %s: %s; replacing it", idx, self.records[idx]["path"], type(e).__name__, e)
                 idx = int(np.random.default_rng([self.seed, self.epoch, int(i), attempt, 1]).integers(len(self.records)))
@@ -129,8 +134,19 @@ class CPULoader:
     ``failures`` is the running count of replaced samples seen by this loader.
     """
 
-    def __init__(self, manifest: str | Path | Sequence[dict], cfg: DataConfig, batch_size: int, train: bool, seed: int = 0,
-                 num_workers: int = 2, shard_id: int = 0, num_shards: int = 1, drop_last: bool = False, max_retries: int = 10):
+    def __init__(
+        self,
+        manifest: str | Path | Sequence[dict],
+        cfg: DataConfig,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        num_workers: int = 2,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        drop_last: bool = False,
+        max_retries: int = 10,
+    ):
         self.dataset = SequenceDataset(manifest, cfg, train, seed, max_retries)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.num_workers, self.shard_id, self.num_shards, self.drop_last = num_workers, shard_id, num_shards, drop_last
@@ -157,11 +173,17 @@ class CPULoader:
     def iterate(self, start_batch: int = 0) -> Iterator[dict[str, Any]]:
         """The epoch's batches from batch ``start_batch`` on (resuming mid-epoch decodes nothing it skips)."""
         dl = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.indices()[start_batch * self.batch_size :].tolist(), num_workers=self.num_workers,
-            drop_last=self.drop_last, persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.indices()[start_batch * self.batch_size :].tolist(),
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+            persistent_workers=False,
+            prefetch_factor=2 if self.num_workers else None,
             # own generator: a DataLoader draws its base seed from the global RNG otherwise, which would shift the
             # model's dropout stream and break exact resumption (per-sample randomness comes from sample_rng)
-            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
+        )
         for batch in dl:
             n_fail = int(batch["failures"].sum())
             if n_fail:

@@ -38,9 +38,9 @@ import torch
 
 from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
+from avmt.data.clips import sample_rng, shard_indices
 from avmt.data.loader_cpu import MEAN, STD, load_audio_clips, plan_sample
 from avmt.data.prepare import load_manifest
-from avmt.data.clips import sample_rng, shard_indices
 
 log = logging.getLogger("avmt.data")
 
@@ -96,9 +96,21 @@ class DALILoader:
     where its prefetched stream continues (the first call, a resume, a jump); consecutive epochs stream on.
     """
 
-    def __init__(self, manifest: str | Path | Sequence[dict], cfg: DataConfig, batch_size: int, train: bool, seed: int = 0,
-                 device_id: int | None = None, shard_id: int = 0, num_shards: int = 1, num_threads: int = 2,
-                 prefetch: int = 2, max_retries: int = 10, drop_last: bool = False):
+    def __init__(
+        self,
+        manifest: str | Path | Sequence[dict],
+        cfg: DataConfig,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        device_id: int | None = None,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        num_threads: int = 2,
+        prefetch: int = 2,
+        max_retries: int = 10,
+        drop_last: bool = False,
+    ):
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
@@ -144,10 +156,17 @@ class DALILoader:
                 h, w = crop.size
                 pos_y = crop.top / (h - crop.crop) if h > crop.crop else 0.0
                 pos_x = crop.left / (w - crop.crop) if w > crop.crop else 0.0
-                return (data, seq.frame_indices.reshape(-1).astype(np.int32), np.array([h, w], np.float32),
-                        np.array([pos_y, pos_x], np.float32), np.array(int(crop.flip), np.int32), audio,
-                        np.array(rec["label_index"], np.int64), np.array([idx, aug_seed], np.int64))
-            except Exception as e:  # noqa: BLE001 -- logged, counted, replaced
+                return (
+                    data,
+                    seq.frame_indices.reshape(-1).astype(np.int32),
+                    np.array([h, w], np.float32),
+                    np.array([pos_y, pos_x], np.float32),
+                    np.array(int(crop.flip), np.int32),
+                    audio,
+                    np.array(rec["label_index"], np.int64),
+                    np.array([idx, aug_seed], np.int64),
+                )
+            except Exception as e:
                 last_error = e
                 self.failures += 1
                 log.warning("sample %d (%s) failed on the host: %s: %s; replacing it", idx, rec["path"], type(e).__name__, e)
@@ -163,17 +182,32 @@ class DALILoader:
         cfg = self.cfg
         gpu = self.device_id is not None
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      prefetch_queue_depth=self.prefetch, seed=self.seed, exec_dynamic=True)
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=self.prefetch,
+            seed=self.seed,
+            exec_dynamic=True,
+        )
         def graph():
             enc, frames, size, pos, flip, audio, label, index = fn.external_source(
-                source=self._source, num_outputs=8, batch=True, parallel=False,
-                layout=[None, None, None, None, None, None, None, None])
+                source=self._source, num_outputs=8, batch=True, parallel=False, layout=[None, None, None, None, None, None, None, None]
+            )
             video = fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=frames)  # FHWC uint8
             video = fn.resize(video, resize_y=size[0], resize_x=size[1], interp_type=types.INTERP_LINEAR, antialias=True)
             video = fn.crop_mirror_normalize(
-                video, crop_h=cfg.crop_size, crop_w=cfg.crop_size, crop_pos_y=pos[0], crop_pos_x=pos[1], mirror=flip,
-                mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD], dtype=types.FLOAT, output_layout="CFHW")
+                video,
+                crop_h=cfg.crop_size,
+                crop_w=cfg.crop_size,
+                crop_pos_y=pos[0],
+                crop_pos_x=pos[1],
+                mirror=flip,
+                mean=[m * 255 for m in MEAN],
+                std=[s * 255 for s in STD],
+                dtype=types.FLOAT,
+                output_layout="CFHW",
+            )
             if gpu:
                 audio = audio.gpu()
             return video, audio, label, index
@@ -229,12 +263,16 @@ class DALILoader:
         while self._source.position()[0] == want[0]:
             try:
                 video_o, audio_o, label_o, index_o = self._pipe.run()
-            except Exception as e:  # noqa: BLE001 -- a decode error inside DALI: count what is lost, rebuild, go on
+            except Exception as e:
                 lost = sum(n for _, _, n in self._source.pending)  # the failed batch and any prefetched ones
                 self.failures += lost
                 self._source.pending.clear()
-                log.warning("DALI batch failed (%s: %s); %d sample(s) dropped and counted as failed, rebuilding the pipeline",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "", lost)
+                log.warning(
+                    "DALI batch failed (%s: %s); %d sample(s) dropped and counted as failed, rebuilding the pipeline",
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                    lost,
+                )
                 self._pipe = None
                 self.build()
                 continue
@@ -248,7 +286,10 @@ class DALILoader:
             if self.train and cfg.spec_mask_rate > 0:
                 gen = torch.Generator().manual_seed(int(idx_seed[:, 1].sum() % (2**62)))
                 audio = spec_augment(audio, cfg.spec_mask_rate, gen)
-            yield {"video": video.contiguous(), "audio": audio.unsqueeze(2),
-                   "label": torch.from_numpy(np.array(label_o.as_tensor())).reshape(b),
-                   "index": torch.from_numpy(idx_seed[:, 0].copy())}
+            yield {
+                "video": video.contiguous(),
+                "audio": audio.unsqueeze(2),
+                "label": torch.from_numpy(np.array(label_o.as_tensor())).reshape(b),
+                "index": torch.from_numpy(idx_seed[:, 0].copy()),
+            }
         self.epoch = want[0] + 1

@@ -27,8 +27,9 @@ def _stream_seconds(stream, container_duration: float | None) -> float | None:
     return container_duration
 
 
-def read_frames(path: str | Path, indices: np.ndarray, fps: float, height: int | None = None, width: int | None = None,
-                seek_gap_seconds: float = 2.0) -> np.ndarray:
+def read_frames(
+    path: str | Path, indices: np.ndarray, fps: float, height: int | None = None, width: int | None = None, seek_gap_seconds: float = 2.0
+) -> np.ndarray:
     """Decode the frames with native indices ``indices`` (int, any order, repeats allowed) of a constant-frame-rate
     video into ``[len(indices), H, W, 3]`` uint8 RGB, optionally rescaled by FFmpeg to ``height x width``.
 
@@ -159,8 +160,11 @@ def probe_and_extract(path: str | Path, sample_rate: int, min_seconds: float) ->
         container = av.open(str(p))
     except av.FFmpegError as e:
         known = any(sig in head[:12] for sig in SIGNATURES)
-        raise MediaError("truncated" if known else "not_a_video",
-                         f"cannot open as media ({e}); " + ("the header is a known container, so the file is cut or damaged" if known else "no known container header")) from None
+        raise MediaError(
+            "truncated" if known else "not_a_video",
+            f"cannot open as media ({e}); "
+            + ("the header is a known container, so the file is cut or damaged" if known else "no known container header"),
+        ) from None
     with container:
         if not container.streams.video:
             raise MediaError("not_a_video", "no video stream")
@@ -193,7 +197,7 @@ def probe_and_extract(path: str | Path, sample_rate: int, min_seconds: float) ->
         container.seek(0)
         ok = 0
         try:
-            for fr in container.decode(vs):
+            for _frame in container.decode(vs):
                 ok += 1
                 if ok >= 2:
                     break
@@ -228,11 +232,19 @@ def probe_and_extract(path: str | Path, sample_rate: int, min_seconds: float) ->
         if duration < min_seconds:
             raise MediaError("too_short", f"{duration:.2f} s < minimum {min_seconds:g} s")
         meta = {
-            "duration": round(duration, 6), "video_seconds": round(video_seconds, 6), "audio_seconds": round(audio_seconds, 6),
-            "fps": fps, "num_frames": n_packets, "width": width, "height": height, "video_codec": vs.codec_context.name,
-            "audio_codec": ast.codec_context.name, "audio_streams": len(container.streams.audio),
-            "source_sample_rate": src_rate, "source_channels": channels, "sample_rate": sample_rate,
+            "duration": round(duration, 6),
+            "video_seconds": round(video_seconds, 6),
+            "audio_seconds": round(audio_seconds, 6),
+            "fps": fps,
+            "num_frames": n_packets,
+            "width": width,
+            "height": height,
+            "video_codec": vs.codec_context.name,
+            "audio_codec": ast.codec_context.name,
+            "audio_streams": len(container.streams.audio),
+            "source_sample_rate": src_rate,
+            "source_channels": channels,
+            "sample_rate": sample_rate,
             "audio_samples": len(audio),
         }
     return meta, audio
-

@@ -105,7 +105,13 @@ def _process(args: tuple[Item, str, int, float]) -> dict:
     """Probe one file and write its FLAC; returns a kept record (``reason`` None) or a rejected one."""
     item, out, sample_rate, min_seconds = args
     st = _stat(item.path)
-    base = {"path": item.path, "label": item.label, "span": [item.start, item.end], "size": st[0] if st else None, "mtime_ns": st[1] if st else None}
+    base = {
+        "path": item.path,
+        "label": item.label,
+        "span": [item.start, item.end],
+        "size": st[0] if st else None,
+        "mtime_ns": st[1] if st else None,
+    }
     if item.label is None:
         return base | {"reason": "no_label", "detail": "file is not inside a class folder and has no CSV label"}
     try:
@@ -113,7 +119,11 @@ def _process(args: tuple[Item, str, int, float]) -> dict:
         start = item.start or 0.0
         end = min(item.end, meta["duration"]) if item.end is not None else meta["duration"]
         if not 0 <= start < end or end - start < min_seconds:
-            return base | {"reason": "bad_span", "detail": f"span [{item.start}, {item.end}] gives {max(0.0, end - start):.2f} s usable out of {meta['duration']:.2f} s (minimum {min_seconds:g} s)"}
+            return base | {
+                "reason": "bad_span",
+                "detail": f"span [{item.start}, {item.end}] gives {max(0.0, end - start):.2f} s usable out of "
+                f"{meta['duration']:.2f} s (minimum {min_seconds:g} s)",
+            }
         key = _file_key(item.path)
         flac = Path(out) / "audio" / f"{key}.flac"
         tmp = flac.with_name(flac.name + ".part.flac")
@@ -122,7 +132,7 @@ def _process(args: tuple[Item, str, int, float]) -> dict:
         return base | {"reason": None, "id": key, "audio": str(flac), "start": start, "end": end, **meta}
     except MediaError as e:
         return base | {"reason": e.reason, "detail": e.detail}
-    except Exception as e:  # noqa: BLE001 -- any other failure is recorded, never crashes the whole run
+    except Exception as e:
         return base | {"reason": "error", "detail": f"{type(e).__name__}: {e}"}
 
 
@@ -138,8 +148,9 @@ def _load(path: Path) -> list[dict]:
     return out
 
 
-def prepare(items: list[Item], out: str | Path, sample_rate: int = 44100, min_seconds: float = 2.0, workers: int = 1,
-            progress: bool = True) -> Summary:
+def prepare(
+    items: list[Item], out: str | Path, sample_rate: int = 44100, min_seconds: float = 2.0, workers: int = 1, progress: bool = True
+) -> Summary:
     """Process ``items`` into ``out`` (see the module docstring); returns the counts of this run."""
     from tqdm import tqdm
 
@@ -159,9 +170,14 @@ def prepare(items: list[Item], out: str | Path, sample_rate: int = 44100, min_se
         seen.add(it.path)
         rec = previous.get(it.path)
         st = _stat(it.path) or (None, None)  # an unreadable path stays done until it becomes readable
-        fresh = (rec is not None and rec.get("label") == it.label and rec.get("size") == st[0]
-                 and rec.get("mtime_ns") == st[1] and rec.get("span") == [it.start, it.end]
-                 and (rec.get("reason") is not None or Path(rec["audio"]).exists()))
+        fresh = (
+            rec is not None
+            and rec.get("label") == it.label
+            and rec.get("size") == st[0]
+            and rec.get("mtime_ns") == st[1]
+            and rec.get("span") == [it.start, it.end]
+            and (rec.get("reason") is not None or Path(rec["audio"]).exists())
+        )
         if fresh:
             done[it.path] = rec
         else:
@@ -170,6 +186,7 @@ def prepare(items: list[Item], out: str | Path, sample_rate: int = 44100, min_se
     jobs = [(it, str(out), sample_rate, min_seconds) for it in todo]
     bar = tqdm(total=len(items), initial=len(done), desc="prepare", unit="file", disable=not progress)
     with open(man_path, "a") as fm, open(rej_path, "a") as fr:
+
         def record(rec: dict) -> None:
             done[rec["path"]] = rec
             (fr if rec.get("reason") else fm).write(json.dumps(rec) + "\n")
@@ -192,7 +209,9 @@ def prepare(items: list[Item], out: str | Path, sample_rate: int = 44100, min_se
     rejected = [done[it.path] for it in items if done[it.path].get("reason") is not None]
     for path, recs in ((man_path, kept), (rej_path, rejected)):
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "reason"} if r.get("reason") is None else r) + "\n" for r in recs))
+        tmp.write_text(
+            "".join(json.dumps({k: v for k, v in r.items() if k != "reason"} if r.get("reason") is None else r) + "\n" for r in recs)
+        )
         os.replace(tmp, path)
     (out / "labels.json").write_text(json.dumps(index, indent=1))
     summary.kept, summary.rejected = len(kept), len(rejected)
@@ -231,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, progress=not a.quiet)
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.reasons.items())) or "none"
-    print(f"{s.total} files: {s.kept} kept, {s.rejected} rejected ({reasons}); processed {s.processed}, "
-          f"already done {s.skipped}; manifest {a.out / 'manifest.jsonl'}")
+    print(
+        f"{s.total} files: {s.kept} kept, {s.rejected} rejected ({reasons}); processed {s.processed}, "
+        f"already done {s.skipped}; manifest {a.out / 'manifest.jsonl'}"
+    )
     return 0
 
 

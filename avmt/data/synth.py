@@ -171,7 +171,11 @@ def write_video(path: Path, frames: np.ndarray, audio: np.ndarray, fps: int, sam
     with av.open(str(tmp), "w", format=fmt) as container:
         vs = container.add_stream(vcodec, rate=fps)
         vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        vs.options = {"crf": "23", "g": str(fps)} if fmt == "mp4" else {"crf": "32", "b:v": "0", "g": str(fps), "deadline": "realtime", "cpu-used": "8"}
+        vs.options = (
+            {"crf": "23", "g": str(fps)}
+            if fmt == "mp4"
+            else {"crf": "32", "b:v": "0", "g": str(fps), "deadline": "realtime", "cpu-used": "8"}
+        )
         aud = container.add_stream(acodec, rate=out_rate, layout="mono")
         for img in frames:
             for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):

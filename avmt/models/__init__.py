@@ -5,6 +5,16 @@ from avmt.models.cnn import AudioResNet, VisualResNet
 from avmt.models.transformer import DenseMap, LowRankLinear, RotationCache, SequenceEmbedding, TransformerLayer
 
 __all__ = [
-    "TRANSFORMERS", "AVBert", "AVBertOutput", "AudioResNet", "DenseMap", "EncoderOutput", "LowRankLinear",
-    "RotationCache", "SequenceEmbedding", "TransformerLayer", "VisualResNet", "layer_plan",
+    "TRANSFORMERS",
+    "AVBert",
+    "AVBertOutput",
+    "AudioResNet",
+    "DenseMap",
+    "EncoderOutput",
+    "LowRankLinear",
+    "RotationCache",
+    "SequenceEmbedding",
+    "TransformerLayer",
+    "VisualResNet",
+    "layer_plan",
 ]

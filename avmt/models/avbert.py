@@ -1,4 +1,4 @@
-"""The AVBERT model (SPEC §1-2): per-clip CNNs, then visual, audio and multimodal Transformers.
+"""The AVBERT model (docs/method.md §1-2): per-clip CNNs, then visual, audio and multimodal Transformers.
 
 Layout of the inputs (one sample = a sequence of T time-aligned clips):
 
@@ -116,8 +116,12 @@ class AVBert(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.dim
-        self.visual_cnn = VisualResNet(cfg.visual_width, cfg.visual_depths, cfg.visual_temporal_kernels, bn_eps=cfg.bn_eps, zero_init_residual=cfg.zero_init_residual)
-        self.audio_cnn = AudioResNet(cfg.audio_width, cfg.audio_depths, cfg.audio_separable_stages, bn_eps=cfg.bn_eps, zero_init_residual=cfg.zero_init_residual)
+        self.visual_cnn = VisualResNet(
+            cfg.visual_width, cfg.visual_depths, cfg.visual_temporal_kernels, bn_eps=cfg.bn_eps, zero_init_residual=cfg.zero_init_residual
+        )
+        self.audio_cnn = AudioResNet(
+            cfg.audio_width, cfg.audio_depths, cfg.audio_separable_stages, bn_eps=cfg.bn_eps, zero_init_residual=cfg.zero_init_residual
+        )
         self.visual_proj = InputProjection(self.visual_cnn.out_features, d, cfg.ln_eps, cfg.init_std, cfg.feature_norm)
         self.audio_proj = InputProjection(self.audio_cnn.out_features, d, cfg.ln_eps, cfg.init_std, cfg.feature_norm)
         self.visual_bos = nn.Parameter(torch.randn(d) * cfg.init_std)
@@ -129,17 +133,31 @@ class AVBert(nn.Module):
         lowrank = cfg.sharing == "lowrank"
         self.layers = nn.ModuleList(
             TransformerLayer(
-                d, cfg.heads, cfg.ffn_dim, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, ln_eps=cfg.ln_eps,
-                init_std=cfg.init_std, lowrank=lowrank, rank=cfg.rank, groups=len(self.transformers), lowrank_eps=cfg.lowrank_eps,
-                kernel=cfg.kernel, kernel_backward=cfg.kernel_backward,
+                d,
+                cfg.heads,
+                cfg.ffn_dim,
+                dropout=cfg.dropout,
+                attention_dropout=cfg.attention_dropout,
+                ln_eps=cfg.ln_eps,
+                init_std=cfg.init_std,
+                lowrank=lowrank,
+                rank=cfg.rank,
+                groups=len(self.transformers),
+                lowrank_eps=cfg.lowrank_eps,
+                kernel=cfg.kernel,
+                kernel_backward=cfg.kernel_backward,
             )
             for _ in range(n_layers)
         )
         # one embedding module per Transformer; the multimodal one adds a modality (type) embedding
-        self.embeddings = nn.ModuleDict({
-            name: SequenceEmbedding(cfg.max_clips + 1, d, 2 if name == "multimodal" else 0, ln_eps=cfg.ln_eps, dropout=cfg.dropout, init_std=cfg.init_std)
-            for name in self.transformers
-        })
+        self.embeddings = nn.ModuleDict(
+            {
+                name: SequenceEmbedding(
+                    cfg.max_clips + 1, d, 2 if name == "multimodal" else 0, ln_eps=cfg.ln_eps, dropout=cfg.dropout, init_std=cfg.init_std
+                )
+                for name in self.transformers
+            }
+        )
 
     # -- parts, for parameter accounting -----------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
@@ -202,7 +220,8 @@ class AVBert(nn.Module):
         """
         if visual_tokens.shape != audio_tokens.shape or visual_tokens.dim() != 3 or visual_tokens.shape[-1] != self.cfg.dim:
             raise ValueError(
-                f"visual and audio tokens must both be [B, T, {self.cfg.dim}], got {tuple(visual_tokens.shape)} and {tuple(audio_tokens.shape)}"
+                f"visual and audio tokens must both be [B, T, {self.cfg.dim}], "
+                f"got {tuple(visual_tokens.shape)} and {tuple(audio_tokens.shape)}"
             )
         b, t, _ = visual_tokens.shape
         device = visual_tokens.device
@@ -237,8 +256,14 @@ class AVBert(nn.Module):
         a_feat, a_tok = self.embed_audio(audio, clip_mask)
         enc = self.encode(v_tok, a_tok, clip_mask)
         return AVBertOutput(
-            visual=enc.visual, audio=enc.audio, multimodal=enc.multimodal, visual_features=v_feat, audio_features=a_feat,
-            visual_embeddings=v_tok, audio_embeddings=a_tok, clip_mask=clip_mask,
+            visual=enc.visual,
+            audio=enc.audio,
+            multimodal=enc.multimodal,
+            visual_features=v_feat,
+            audio_features=a_feat,
+            visual_embeddings=v_tok,
+            audio_embeddings=a_tok,
+            clip_mask=clip_mask,
         )
 
 
@@ -255,4 +280,3 @@ def _check_clips(name: str, x: Tensor, ndim: int, layout: str, channels: int, ma
             raise ValueError(f"clip_mask must be a bool tensor of shape [B, T] = {(b, t)}, got {clip_mask.dtype} {tuple(clip_mask.shape)}")
         if not bool(clip_mask.any(dim=1).all()):
             raise ValueError("clip_mask has a sample with no real clip; every sample needs at least one")
-

@@ -1,4 +1,4 @@
-"""The per-clip CNNs of the released AVBERT code (SPEC §1): a 3D ResNet for video, a 2D ResNet for log-mels.
+"""The per-clip CNNs of the released AVBERT code (docs/method.md §1): a 3D ResNet for video, a 2D ResNet for log-mels.
 
 Both are bottleneck ResNets (1x1 -> spatial -> 1x1, expansion 4, stride on the middle conv, projection
 shortcut when the shape changes) ending in global average pooling. At their default sizes they are the
@@ -8,7 +8,7 @@ paper's ResNet-50s; ``width`` and ``depths`` shrink them for the small presets. 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -36,7 +36,9 @@ class Bottleneck(nn.Module):
 BranchFn = Callable[[int, int, int, int, int], nn.Sequential]
 
 
-def _stages(cin: int, width: int, depths: Sequence[int], strides: Sequence[int], branch: BranchFn, shortcut: Callable[[int, int, int], nn.Module]) -> tuple[nn.Sequential, int]:
+def _stages(
+    cin: int, width: int, depths: Sequence[int], strides: Sequence[int], branch: BranchFn, shortcut: Callable[[int, int, int], nn.Module]
+) -> tuple[nn.Sequential, int]:
     """Bottleneck stages ``res2..res5``; stage i has inner width ``width * 2**i``. Returns (stages, out channels)."""
     stages = []
     for i, depth in enumerate(depths):
@@ -73,23 +75,31 @@ class VisualResNet(nn.Module):
     """
 
     def __init__(
-        self, width: int = 64, depths: Sequence[int] = (3, 4, 6, 3), temporal_kernels: Sequence[int] = (1, 1, 3, 3),
-        strides: Sequence[int] = (1, 2, 2, 2), bn_eps: float = 1e-5, zero_init_residual: bool = True,
+        self,
+        width: int = 64,
+        depths: Sequence[int] = (3, 4, 6, 3),
+        temporal_kernels: Sequence[int] = (1, 1, 3, 3),
+        strides: Sequence[int] = (1, 2, 2, 2),
+        bn_eps: float = 1e-5,
+        zero_init_residual: bool = True,
     ) -> None:
         super().__init__()
         if len(temporal_kernels) != len(depths) or len(strides) != len(depths):
             raise ValueError("depths, temporal_kernels and strides need one entry per stage")
         cb = lambda cin, cout, k, s, p: _conv_bn(nn.Conv3d, nn.BatchNorm3d, cin, cout, k, s, p, bn_eps)  # noqa: E731
         self.stem = nn.Sequential(
-            cb(3, width, (5, 7, 7), (2, 2, 2), (2, 3, 3)), nn.ReLU(inplace=True),
+            cb(3, width, (5, 7, 7), (2, 2, 2), (2, 3, 3)),
+            nn.ReLU(inplace=True),
             nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)),
         )
 
         def branch(i: int, cin: int, inner: int, cout: int, s: int) -> nn.Sequential:
             tk = temporal_kernels[i]
             return nn.Sequential(
-                cb(cin, inner, (tk, 1, 1), 1, (tk // 2, 0, 0)), nn.ReLU(inplace=True),
-                cb(inner, inner, (1, 3, 3), (1, s, s), (0, 1, 1)), nn.ReLU(inplace=True),
+                cb(cin, inner, (tk, 1, 1), 1, (tk // 2, 0, 0)),
+                nn.ReLU(inplace=True),
+                cb(inner, inner, (1, 3, 3), (1, s, s), (0, 1, 1)),
+                nn.ReLU(inplace=True),
                 cb(inner, cout, 1, 1, 0),
             )
 
@@ -109,14 +119,20 @@ class AudioResNet(nn.Module):
     """
 
     def __init__(
-        self, width: int = 32, depths: Sequence[int] = (3, 4, 6, 3), separable_stages: int = 2,
-        bn_eps: float = 1e-5, zero_init_residual: bool = True,
+        self,
+        width: int = 32,
+        depths: Sequence[int] = (3, 4, 6, 3),
+        separable_stages: int = 2,
+        bn_eps: float = 1e-5,
+        zero_init_residual: bool = True,
     ) -> None:
         super().__init__()
         cb = lambda cin, cout, k, s, p: _conv_bn(nn.Conv2d, nn.BatchNorm2d, cin, cout, k, s, p, bn_eps)  # noqa: E731
         self.stem = nn.Sequential(
-            cb(1, width, (9, 1), 1, (4, 0)), nn.ReLU(inplace=True),
-            cb(width, width, (1, 9), 1, (0, 4)), nn.ReLU(inplace=True),
+            cb(1, width, (9, 1), 1, (4, 0)),
+            nn.ReLU(inplace=True),
+            cb(width, width, (1, 9), 1, (0, 4)),
+            nn.ReLU(inplace=True),
         )
 
         def branch(i: int, cin: int, inner: int, cout: int, s: int) -> nn.Sequential:

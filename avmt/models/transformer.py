@@ -1,4 +1,4 @@
-"""BERT post-LN Transformer layers with plain or low-rank modality-shared dense maps (SPEC §1-2).
+"""BERT post-LN Transformer layers with plain or low-rank modality-shared dense maps (docs/method.md §1-2).
 
 Every dense map of a layer has the signature ``map(x, group, cache)``:
 
@@ -29,12 +29,12 @@ class DenseMap(nn.Linear):
         nn.init.normal_(self.weight, std=init_std)
         nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor, group: int = 0, cache: RotationCache | None = None) -> Tensor:  # noqa: ARG002
+    def forward(self, x: Tensor, group: int = 0, cache: RotationCache | None = None) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
 class LowRankLinear(nn.Module):
-    """``F_m(x) = U · R_m · normalize(V_mᵀ x) + b``, the paper's low-rank shared map (SPEC §2).
+    """``F_m(x) = U · R_m · normalize(V_mᵀ x) + b``, the paper's low-rank shared map (docs/method.md §2).
 
     Parameters (N = in_features, M = out_features, O = rank, G = groups):
 
@@ -46,7 +46,14 @@ class LowRankLinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, groups: int, init_std: float, eps: float, kernel: str = "reference",
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        groups: int,
+        init_std: float,
+        eps: float,
+        kernel: str = "reference",
         kernel_backward: str = "triton",
     ) -> None:
         super().__init__()
@@ -78,7 +85,11 @@ class LowRankLinear(nn.Module):
 
     @staticmethod
     def apply_maps(
-        maps: tuple[LowRankLinear, ...], x: Tensor, group: int, cache: RotationCache | None = None, gelu: bool = False,
+        maps: tuple[LowRankLinear, ...],
+        x: Tensor,
+        group: int,
+        cache: RotationCache | None = None,
+        gelu: bool = False,
     ) -> list[Tensor]:
         """Several maps of the same shape and settings on one ``x [..., N]`` (Q, K, V: one Triton launch); the
         parameters go to :func:`avmt.kernels.lowrank_maps` as they are, neither stacked nor cast."""
@@ -86,8 +97,18 @@ class LowRankLinear(nn.Module):
         if not 0 <= group < first.groups:
             raise IndexError(f"group {group} out of range for a low-rank map with {first.groups} groups")
         rots = [cache.rotations(m) if cache is not None else m.rotations() for m in maps]
-        return kernels.lowrank_maps(x, [m.V for m in maps], rots, [m.U for m in maps], [m.bias for m in maps], group=group,
-                                    gelu=gelu, eps=first.eps, kernel=first.kernel, backward=first.kernel_backward)
+        return kernels.lowrank_maps(
+            x,
+            [m.V for m in maps],
+            rots,
+            [m.U for m in maps],
+            [m.bias for m in maps],
+            group=group,
+            gelu=gelu,
+            eps=first.eps,
+            kernel=first.kernel,
+            backward=first.kernel_backward,
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, groups={self.groups}"
@@ -115,8 +136,16 @@ class RotationCache:
 
 
 def make_map(
-    in_features: int, out_features: int, *, lowrank: bool, rank: int, groups: int, init_std: float, eps: float,
-    kernel: str = "reference", kernel_backward: str = "triton",
+    in_features: int,
+    out_features: int,
+    *,
+    lowrank: bool,
+    rank: int,
+    groups: int,
+    init_std: float,
+    eps: float,
+    kernel: str = "reference",
+    kernel_backward: str = "triton",
 ) -> nn.Module:
     """A dense map ``in_features -> out_features``: low-rank factorised (with its kernel backend) or plain."""
     if lowrank:
@@ -131,8 +160,20 @@ class TransformerLayer(nn.Module):
     """
 
     def __init__(
-        self, dim: int, heads: int, ffn_dim: int, *, dropout: float, attention_dropout: float, ln_eps: float,
-        init_std: float, lowrank: bool = False, rank: int = 128, groups: int = 1, lowrank_eps: float = 1e-6, kernel: str = "reference",
+        self,
+        dim: int,
+        heads: int,
+        ffn_dim: int,
+        *,
+        dropout: float,
+        attention_dropout: float,
+        ln_eps: float,
+        init_std: float,
+        lowrank: bool = False,
+        rank: int = 128,
+        groups: int = 1,
+        lowrank_eps: float = 1e-6,
+        kernel: str = "reference",
         kernel_backward: str = "triton",
     ) -> None:
         super().__init__()
@@ -143,8 +184,17 @@ class TransformerLayer(nn.Module):
         self.attention_dropout = attention_dropout
 
         def dense(n: int, m: int) -> nn.Module:
-            return make_map(n, m, lowrank=lowrank, rank=rank, groups=groups, init_std=init_std, eps=lowrank_eps, kernel=kernel,
-                            kernel_backward=kernel_backward)
+            return make_map(
+                n,
+                m,
+                lowrank=lowrank,
+                rank=rank,
+                groups=groups,
+                init_std=init_std,
+                eps=lowrank_eps,
+                kernel=kernel,
+                kernel_backward=kernel_backward,
+            )
 
         self.query, self.key, self.value, self.attn_out = (dense(dim, dim) for _ in range(4))
         self.ffn_in, self.ffn_out = dense(dim, ffn_dim), dense(ffn_dim, dim)
@@ -159,9 +209,7 @@ class TransformerLayer(nn.Module):
         qkv = LowRankLinear.apply_maps(maps, x, group, cache) if self.lowrank else [m(x, group, cache) for m in maps]
         q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in qkv)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
-        )
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(b, s, d)
         h = self.attn_norm(x + self.dropout(self.attn_out(a, group, cache)))
         # low-rank maps fuse the GELU into the FFN-in kernel; the reference applies the same F.gelu after the map

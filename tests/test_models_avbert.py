@@ -6,8 +6,11 @@ import torch
 from avmt.config import load_config
 from avmt.models import AVBert, LowRankLinear, TransformerLayer
 
-COMBOS = [(s, f) for f, s in itertools.product(("mid", "late", "early"), ("none", "layers", "all", "lowrank"))
-          if not (f == "early" and s in ("all", "lowrank"))]
+COMBOS = [
+    (s, f)
+    for f, s in itertools.product(("mid", "late", "early"), ("none", "layers", "all", "lowrank"))
+    if not (f == "early" and s in ("all", "lowrank"))
+]
 
 
 def tiny(*overrides):

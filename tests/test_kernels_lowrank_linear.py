@@ -43,7 +43,7 @@ def reference(lin: LowRankLinear, x: torch.Tensor, segments: list[tuple[int, int
     x2 = x.reshape(-1, x.shape[-1])
     outs, start = [], 0
     for length, g in segments:
-        outs.append(lin(x2[start:start + length], g, gelu=gelu))
+        outs.append(lin(x2[start : start + length], g, gelu=gelu))
         start += length
     return torch.cat(outs).view(*x.shape[:-1], -1)
 
@@ -82,7 +82,7 @@ def check_against_reference(n, m, o, g, shape, segments, gelu, seed, zero_rows=0
     ref = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), lin, x, seed, x_grad)
     names = ["y", *(["dx"] if x_grad else []), "dU", "db", "dV", "dA"]
     for backward in ("triton", "torch"):
-        got = outputs_and_grads(lambda mod, xx: fused(mod, xx, segments, gelu, backward), lin, x, seed, x_grad)
+        got = outputs_and_grads(lambda mod, xx, bw=backward: fused(mod, xx, segments, gelu, bw), lin, x, seed, x_grad)
         assert got[0].shape == (*shape, m) and got[0].dtype == x.dtype
         assert_within_2x(got, ref, truth, [f"{nm} ({backward} backward)" for nm in names])
 
@@ -164,8 +164,16 @@ def test_fused_qkv_matches_three_maps(backward):
             mp.zero_grad(set_to_none=True)
         xx = xx.detach().clone().requires_grad_(True)
         if use_fused:
-            outs = lowrank_linear_multi(xx, [mp.V for mp in mods], [mp.rotations() for mp in mods], [mp.U for mp in mods],
-                                        [mp.bias for mp in mods], group=2, eps=mods[0].eps, backward=backward)
+            outs = lowrank_linear_multi(
+                xx,
+                [mp.V for mp in mods],
+                [mp.rotations() for mp in mods],
+                [mp.U for mp in mods],
+                [mp.bias for mp in mods],
+                group=2,
+                eps=mods[0].eps,
+                backward=backward,
+            )
             outs = [o_.view(b, s, heads, n // heads).transpose(1, 2) for o_ in outs]
         else:
             outs = [mp(xx, 2).view(b, s, heads, n // heads).transpose(1, 2) for mp in mods]
@@ -184,8 +192,15 @@ def test_multi_map_segments_in_one_launch():
     torch.manual_seed(1)
     x = torch.randn(30, 40, device=DEV)
     segments = [(10, 2), (13, 0), (7, 1)]
-    outs = lowrank_linear_multi(x, [mp.V for mp in maps], [mp.rotations() for mp in maps], [mp.U for mp in maps],
-                                [mp.bias for mp in maps], segments=segments, gelu=True)
+    outs = lowrank_linear_multi(
+        x,
+        [mp.V for mp in maps],
+        [mp.rotations() for mp in maps],
+        [mp.U for mp in maps],
+        [mp.bias for mp in maps],
+        segments=segments,
+        gelu=True,
+    )
     with torch.no_grad():
         for mp, y in zip(maps, outs):
             want = reference(mp, x, segments, True)
@@ -208,8 +223,9 @@ def test_layer_hands_parameters_to_the_kernels_uncast_and_unstacked(monkeypatch)
 
     monkeypatch.setattr(kl, "lowrank_linear_multi", spy)
     torch.manual_seed(0)
-    layer = TransformerLayer(32, 4, 48, dropout=0.0, attention_dropout=0.0, ln_eps=1e-12, init_std=0.02, lowrank=True,
-                             rank=16, groups=2, kernel="triton").to(DEV)
+    layer = TransformerLayer(
+        32, 4, 48, dropout=0.0, attention_dropout=0.0, ln_eps=1e-12, init_std=0.02, lowrank=True, rank=16, groups=2, kernel="triton"
+    ).to(DEV)
     x = torch.randn(2, 3, 32, device=DEV)
     with torch.autocast(DEV, dtype=torch.bfloat16):
         with pytest.raises(Stop):
@@ -327,11 +343,17 @@ def test_model_triton_matches_reference_tiny(monkeypatch):
     assert launches == [3, 1, 1, 1] * (3 * cfg.model.layers)
     assert len(grads["triton"]) == 28  # U, bias, V, A of the 6 maps + 2 LayerNorms of the one shared layer
     names = ["loss", *grads["float64"]]
-    assert_within_2x([losses["triton"], *grads["triton"].values()], [losses["reference"], *grads["reference"].values()],
-                     [losses["float64"], *grads["float64"].values()], names, floor=1e-5)
+    assert_within_2x(
+        [losses["triton"], *grads["triton"].values()],
+        [losses["reference"], *grads["reference"].values()],
+        [losses["float64"], *grads["float64"].values()],
+        names,
+        floor=1e-5,
+    )
 
 
 # ---- GPU: bf16/fp16, paper shapes, torch.compile --------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backward", ["triton", "torch"])
@@ -355,8 +377,9 @@ def test_gpu_paper_shapes(dtype, n, m, gelu, backward):
 
     def fused_amp(mod, xx):
         dt = dtype if dtype != torch.float32 else xx.dtype  # what LowRankLinear's triton path does under autocast
-        return lowrank_linear(xx.to(dt), mod.V, mod.rotations(), mod.U, mod.bias, segments=segments,
-                              gelu=gelu, eps=mod.eps, backward=backward)
+        return lowrank_linear(
+            xx.to(dt), mod.V, mod.rotations(), mod.U, mod.bias, segments=segments, gelu=gelu, eps=mod.eps, backward=backward
+        )
 
     with amp():
         ref = outputs_and_grads(lambda mod, xx: reference(mod, xx, segments, gelu), lin, x, 0)

@@ -1,0 +1,1 @@
+"""The benchmark suite (pytest-benchmark); a package so that its module names cannot clash with tests/."""

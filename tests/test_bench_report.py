@@ -1,0 +1,102 @@
+"""avmt.bench.report and python -m avmt.bench report: rendering measured records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from avmt.bench.__main__ import main as bench_main
+from avmt.bench.memory import measure_step
+from avmt.bench.report import load_results, memory_records, render, transformer_ratio
+from avmt.config import SHARING_SCHEMES, load_config
+
+
+# -- report ------------------------------------------------------------------------------------------------------------
+def _bench_json(path, records, mode="quick"):
+    path.write_text(
+        json.dumps(
+            {
+                "datetime": "2026-01-01T00:00:00",
+                "machine_info": {},
+                "avmt": {
+                    "device": "cpu: test",
+                    "torch": torch.__version__,
+                    "mode": mode,
+                    "date": "2026-01-01T00:00:00+00:00",
+                    "command": "pytest benchmarks",
+                },
+                "benchmarks": [{"name": n, "stats": st, "extra_info": info} for n, st, info in records],
+            }
+        )
+    )
+
+
+def test_report_renders_measured_records(tmp_path):
+    """From a JSON of real measure_step records: the ratio, the tables, the plots, and no GPU numbers invented."""
+    records = []
+    for s in SHARING_SCHEMES:
+        cfg = load_config("tiny", overrides=[f"model.sharing={s}"])
+        r = measure_step(cfg, scope="transformer", mode="fake", batch=2)
+        records.append((f"mem[{s}]", {"mean": 0.1}, dict(kind="memory", preset="paper", variant="paper", **r.to_dict())))
+        records.append(
+            (
+                f"step[{s}]",
+                {"mean": 0.5, "min": 0.4, "median": 0.45, "max": 0.7, "rounds": 3},
+                dict(
+                    kind="step",
+                    preset="tiny",
+                    sharing=s,
+                    batch=2,
+                    clips=4,
+                    device="cpu",
+                    precision="fp32",
+                    sequences_per_s=4.0,
+                    loadavg=1.5,
+                    cpus=2,
+                ),
+            )
+        )
+    _bench_json(tmp_path / "suite.json", records)
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    res = load_results([tmp_path])
+    ratio = transformer_ratio(memory_records(res))
+    none, lowrank = (next(i for _, _, i in records if i.get("kind") == "memory" and i["sharing"] == s) for s in ("none", "lowrank"))
+    # fp32 weights + gradients + 3 AMSGrad buffers: 20 bytes per parameter, so the byte ratio is the parameter ratio
+    assert ratio["ratio"] == pytest.approx(none["params"]["transformer"] / lowrank["params"]["transformer"])
+    out = tmp_path / "out"
+    md = render(res, out)
+    assert f"{ratio['ratio']:.1f}× smaller" in md
+    assert f"{none['params']['transformer']:,}" in md
+    assert "No GPU results yet" in md and "junk.json" in md
+    for png in ("memory_transformer_paper_b2_t4_fp32.png", "speed_step.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in md
+
+
+def test_report_kernel_speedups_only_from_gpu_records(tmp_path):
+    def rec(impl, ms, device="NVIDIA H100", interp=False):
+        return (
+            f"k[{impl}]",
+            {"median": ms / 1e3, "mean": ms / 1e3},
+            dict(impl=impl, tokens=4096, n=768, m=3072, gelu=True, backward=False, device=device, interpreter=interp, gb_per_s=100.0),
+        )
+
+    _bench_json(tmp_path / "cpu.json", [rec("triton", 50.0, "cpu (2 threads)", True), rec("reference", 1.0, "cpu (2 threads)")])
+    md = render(load_results([tmp_path / "cpu.json"]), tmp_path, plots=False)
+    assert "No GPU results yet" in md
+    _bench_json(tmp_path / "gpu.json", [rec("triton", 1.0), rec("reference", 2.5), rec("compiled", 1.5)], mode="full")
+    md = render(load_results([tmp_path / "gpu.json"]), tmp_path)
+    assert "2.50×" in md and "1.50×" in md and (tmp_path / "kernel_speedup.png").exists()
+
+
+def test_report_cli(tmp_path, capsys):
+    assert bench_main(["report", str(tmp_path / "missing")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert bench_main(["report", str(empty), "--out", str(tmp_path / "r.md")]) == 1
+    cfg = load_config("tiny", overrides=["model.sharing=lowrank"])
+    r = measure_step(cfg, batch=1)
+    _bench_json(empty / "x.json", [("m", {"mean": 1.0}, dict(kind="memory", preset="tiny", variant="tiny", **r.to_dict()))])
+    assert bench_main(["report", str(empty), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    assert "`lowrank`" in (tmp_path / "r.md").read_text()
