@@ -260,6 +260,11 @@ class TrainConfig(_Section):
     min_lr_ratio: float = _field(0.1, (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"))  # cosine floor, x lr
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False  # recompute Transformer layers in backward (less memory)
+    # per-clip CNNs (avmt.models.avbert.CNNRunner): clips per CNN call (0 = all at once; BatchNorm statistics per
+    # chunk), recompute each chunk in backward, and K clips per sequence with gradients (0 = all)
+    cnn_chunk: int = _field(0, NON_NEGATIVE)
+    cnn_checkpoint: bool = False
+    clips_with_grad: int = _field(0, NON_NEGATIVE)
     run_dir: str = "runs/avmt"  # checkpoints, metrics.jsonl, TensorBoard events
     log_every: int = _field(10, POSITIVE)
     save_every: int = _field(500, POSITIVE)
@@ -280,6 +285,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.data.num_clips > self.model.max_clips:
             raise _fail("data.num_clips", self.data.num_clips, f"at most model.max_clips={self.model.max_clips}")
+        if self.train.clips_with_grad > self.data.num_clips:
+            raise _fail("train.clips_with_grad", self.train.clips_with_grad, f"0 (all) to data.num_clips={self.data.num_clips}")
         fusion, cpp_input = self.model.fusion, self.objective.cpp_input
         if (fusion == "late" and cpp_input == "multimodal") or (fusion == "early" and cpp_input == "unimodal"):
             raise ConfigError(

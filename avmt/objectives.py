@@ -207,8 +207,8 @@ class Pretraining(nn.Module):
         if audio.shape[:2] != (b, t):
             raise ValueError(f"video and audio must have the same [B, T], got {(b, t)} and {tuple(audio.shape[:2])}")
         valid = clip_mask if clip_mask is not None else torch.ones(b, t, dtype=torch.bool, device=video.device)
-        v_feat, v_tok = model.embed_visual(video, clip_mask)
-        a_feat, a_tok = model.embed_audio(audio, clip_mask)
+        v_feat, v_tok = model.embed_visual(video, clip_mask, generator)
+        a_feat, a_tok = model.embed_audio(audio, clip_mask, generator)
 
         perm = swap_permutation(b, cfg.swap_prob, generator).to(video.device)
         matched = perm == torch.arange(b, device=video.device)

@@ -135,7 +135,7 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
     # -- model, objectives, optimizer, schedule ---------------------------------------------------------------------
     torch.manual_seed(tc.seed)
     model = AVBert(cfg.model)
-    model.checkpoint_layers = tc.activation_checkpointing
+    model.set_memory_options(tc.activation_checkpointing, tc.cnn_chunk, tc.cnn_checkpoint, tc.clips_with_grad)
     pre = Pretraining(model, cfg.objective).to(device)
     net = DistributedDataParallel(pre, find_unused_parameters=True) if world > 1 else pre
     opt = build_optimizer(pre.parameters(), tc)

@@ -3,8 +3,9 @@ import itertools
 import pytest
 import torch
 
-from avmt.config import load_config
+from avmt.config import ConfigError, load_config
 from avmt.models import AVBert, LowRankLinear, TransformerLayer
+from avmt.models.avbert import CNNRunner, _choose_clips
 
 COMBOS = [
     (s, f)
@@ -186,3 +187,92 @@ def test_feature_batchnorm_spreads_the_clip_tokens():
     assert torch.isfinite(model(video[:1, :1], audio[:1, :1]).multimodal).all()
     with pytest.raises(Exception, match="feature_norm"):
         load_config("tiny", overrides=["model.feature_norm=layernorm"])
+
+
+# -- per-clip CNNs in chunks, recomputed, or with gradients for some clips only ----------------------------------------
+def _tiny_step_state(runner: CNNRunner, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Losses of ``steps`` fp32 pretraining steps of `tiny`, then every gradient and every BatchNorm buffer."""
+    from avmt.bench import random_clips
+    from avmt.objectives import Pretraining
+    from avmt.train import build_optimizer
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = AVBert(cfg.model)
+    model.cnn = runner
+    pre = Pretraining(model, cfg.objective).train()
+    opt = build_optimizer(pre.parameters(), cfg.train)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    video, audio = random_clips(cfg.data, 2, "cpu")
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = pre(video, audio, generator=gen).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads = {k: p.grad.clone() for k, p in pre.named_parameters() if p.grad is not None}
+        opt.step()
+    buffers = {k: b.clone() for k, b in model.named_buffers() if "running" in k or "num_batches" in k}
+    return losses, grads, buffers
+
+
+def test_cnn_checkpointing_changes_nothing_but_memory():
+    """Recomputing each CNN chunk in backward gives the same losses, gradients and BatchNorm running statistics,
+    bit for bit (fp32 on CPU, 3 steps); the statistics move once per forward, not again in the recompute."""
+    plain = _tiny_step_state(CNNRunner(chunk=3))
+    recomputed = _tiny_step_state(CNNRunner(chunk=3, checkpoint=True))
+    assert plain[0] == recomputed[0]
+    assert plain[1].keys() == recomputed[1].keys() and len(plain[1]) > 50
+    assert all(torch.equal(plain[1][k], recomputed[1][k]) for k in plain[1]), "a gradient differs"
+    assert all(torch.equal(plain[2][k], recomputed[2][k]) for k in plain[2]), "a BatchNorm buffer differs"
+    whole = _tiny_step_state(CNNRunner(checkpoint=True))  # one chunk of every clip, recomputed
+    assert whole[0] == _tiny_step_state(CNNRunner())[0]
+
+
+def test_cnn_chunks_equal_one_call_in_eval_mode():
+    # in eval mode BatchNorm uses its running statistics, so chunking cannot change the result
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = AVBert(cfg.model).eval()
+    video = torch.randn(2, cfg.data.num_clips, 3, cfg.data.frames, cfg.data.crop_size, cfg.data.crop_size)
+    want = model.embed_visual(video)[0]
+    model.cnn = CNNRunner(chunk=3)  # 8 clips in chunks of 3, 3, 2
+    torch.testing.assert_close(model.embed_visual(video)[0], want, rtol=1e-6, atol=1e-6)
+
+
+def test_clips_with_grad_back_propagates_through_k_clips_per_sequence():
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = AVBert(cfg.model).train()
+    t = cfg.data.num_clips
+    video = torch.randn(3, t, 3, cfg.data.frames, cfg.data.crop_size, cfg.data.crop_size)
+    mask = torch.ones(3, t, dtype=torch.bool)
+    mask[2, 1:] = False  # one sequence with a single real clip
+    model.cnn = CNNRunner(clips_with_grad=2)
+    chosen = _choose_clips(mask, 2, torch.Generator().manual_seed(5))
+    assert chosen.sum(1).tolist() == [2, 2, 1] and not (chosen & ~mask).any()
+    assert torch.equal(chosen, _choose_clips(mask, 2, torch.Generator().manual_seed(5)))  # seeded
+    feats, _ = model.embed_visual(video, mask, torch.Generator().manual_seed(5))
+    conv = next(model.visual_cnn.parameters())
+    for clip_set, has_grad in ((chosen, True), (mask & ~chosen, False)):
+        model.zero_grad(set_to_none=True)
+        feats[clip_set].sum().backward(retain_graph=True)
+        grad = conv.grad
+        assert (grad is not None and grad.abs().sum() > 0) == has_grad
+    # K >= T: every clip with gradients, the plain path's values
+    model.cnn = CNNRunner(clips_with_grad=t)
+    torch.manual_seed(3)
+    a = model.embed_visual(video, mask, torch.Generator().manual_seed(5))[0]
+    model.cnn = CNNRunner()
+    torch.manual_seed(3)
+    torch.testing.assert_close(a, model.embed_visual(video, mask)[0], rtol=0, atol=0)
+
+
+def test_cnn_options_are_checked():
+    with pytest.raises(ConfigError, match=r"train.cnn_chunk=-1 is invalid"):
+        load_config("tiny", overrides=["train.cnn_chunk=-1"])
+    with pytest.raises(ConfigError, match=r"train.clips_with_grad=5 is invalid: expected 0 \(all\) to data.num_clips=4"):
+        load_config("tiny", overrides=["train.clips_with_grad=5"])
+    with pytest.raises(ConfigError, match=r"data.num_clips=17 is invalid: expected at most model.max_clips=16"):
+        load_config("tiny", overrides=["data.num_clips=17", "data.window_seconds=34"])

@@ -31,8 +31,9 @@ def training_step(cfg: Config, batch: int, device: torch.device | str, seed: int
 
     device = torch.device(device)
     torch.manual_seed(seed)
+    tc = cfg.train
     with device:
-        model = AVBert(cfg.model)
+        model = AVBert(cfg.model).set_memory_options(tc.activation_checkpointing, tc.cnn_chunk, tc.cnn_checkpoint, tc.clips_with_grad)
         pre = Pretraining(model, cfg.objective)
     pre.train()
     opt = build_optimizer(pre.parameters(), cfg.train)

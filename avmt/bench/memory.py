@@ -275,7 +275,8 @@ def measure_step(
     with ctx:
         torch.manual_seed(seed)
         with device:
-            model = AVBert(cfg.model)
+            tc = cfg.train
+            model = AVBert(cfg.model).set_memory_options(tc.activation_checkpointing, tc.cnn_chunk, tc.cnn_checkpoint, tc.clips_with_grad)
             pre = Pretraining(model, cfg.objective) if scope == "pretraining" else None
         module = pre if pre is not None else model
         module.train()

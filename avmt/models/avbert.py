@@ -105,6 +105,84 @@ class InputProjection(nn.Module):
         return self.ln(self.linear(self.norm(x)))
 
 
+class CNNRunner:
+    """How a per-clip CNN runs over the ``N`` real clips of a batch (``train.cnn_chunk``, ``train.cnn_checkpoint``,
+    ``train.clips_with_grad``; the defaults run every clip at once, with gradients, as a plain forward).
+
+    - ``chunk > 0``: the clips go through the CNN ``chunk`` at a time. BatchNorm then normalises each chunk with
+      that chunk's own statistics (not those of all N clips) and updates its running statistics once per chunk.
+    - ``checkpoint``: each chunk (or the whole set) keeps only its input and output; its activations are recomputed
+      in backward (non-reentrant ``torch.utils.checkpoint``, RNG state preserved). The recompute does not touch the
+      BatchNorm running statistics: they are restored to their value before it, so they move once per forward.
+    - ``clips_with_grad = K > 0``: in training with gradients, K clips per sequence (drawn with ``generator``) run
+      with gradients and the others without; all tokens still feed the Transformers. The two groups are separate
+      CNN calls, so BatchNorm normalises each group with its own statistics and updates its running statistics
+      once per group; the MEP targets of the clips without gradients (their own tokens) are constants for the
+      CNN. Sequences with fewer than K real clips run all of theirs with gradients.
+    """
+
+    def __init__(self, chunk: int = 0, checkpoint: bool = False, clips_with_grad: int = 0) -> None:
+        if chunk < 0 or clips_with_grad < 0:
+            raise ValueError(f"chunk and clips_with_grad must be >= 0, got {chunk} and {clips_with_grad}")
+        self.chunk, self.checkpoint, self.clips_with_grad = chunk, checkpoint, clips_with_grad
+
+    def __call__(self, cnn: nn.Module, clips: Tensor, mask: Tensor | None, generator: torch.Generator | None, b: int, t: int) -> Tensor:
+        """``clips [N, ...]``: the real clips of a ``[b, t]`` batch in order (``mask [b, t]``, or None when every clip
+        is real) -> features ``[N, C]``."""
+        if not (self.clips_with_grad and cnn.training and torch.is_grad_enabled()):
+            return self._run(cnn, clips)
+        full = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=clips.device)
+        chosen = _choose_clips(full, self.clips_with_grad, generator)
+        with_grad = chosen.flatten() if mask is None else chosen[mask]  # [N] bool, in the order of clips
+        # without padding the count is known without reading the device (no sync; works on fake tensors too)
+        n_grad = b * min(self.clips_with_grad, t) if mask is None else int(with_grad.sum())
+        order = with_grad.to(torch.int8).argsort(descending=True, stable=True)
+        idx_grad, idx_rest = order[:n_grad], order[n_grad:]
+        feats_grad = self._run(cnn, clips[idx_grad])
+        with torch.no_grad():
+            feats_rest = self._run(cnn, clips[idx_rest])
+        out = feats_grad.new_empty(clips.shape[0], feats_grad.shape[1])
+        return out.index_copy(0, idx_grad, feats_grad).index_copy(0, idx_rest, feats_rest.to(feats_grad.dtype))
+
+    def _run(self, cnn: nn.Module, clips: Tensor) -> Tensor:
+        if clips.shape[0] == 0:  # e.g. every clip of the batch drew "with gradients"
+            return clips.new_zeros(0, cnn.out_features)
+        parts = clips.split(self.chunk) if self.chunk else (clips,)
+        recompute = self.checkpoint and torch.is_grad_enabled()
+        return torch.cat([checkpoint(_ForwardOnceBN(cnn), part, use_reentrant=False) if recompute else cnn(part) for part in parts])
+
+
+class _ForwardOnceBN:
+    """``cnn(x)`` whose second and later calls (the checkpoint's recompute in backward) leave every BatchNorm's running
+    statistics as they were, so that they move once per real forward."""
+
+    def __init__(self, cnn: nn.Module) -> None:
+        self.cnn, self.calls = cnn, 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            return self.cnn(x)
+        bns = [m for m in self.cnn.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+        try:
+            return self.cnn(x)
+        finally:  # also when the checkpoint stops the recompute early (it raises once it has what backward needs)
+            with torch.no_grad():
+                for m, (mean, var, count) in zip(bns, saved):
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(count)
+
+
+def _choose_clips(mask: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    """``[B, T]`` bool: k of each sequence's real clips (``mask``), uniformly at random (all of them if fewer)."""
+    scores = torch.rand(mask.shape, generator=generator).to(mask.device)  # a CPU generator, as elsewhere
+    scores = scores.masked_fill(~mask, 2.0)  # padding never chosen
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    return (rank < k) & mask
+
+
 class AVBert(nn.Module):
     """AVBERT: ``forward(video, audio, clip_mask=None) -> AVBertOutput``.
 
@@ -128,6 +206,7 @@ class AVBert(nn.Module):
         self.audio_bos = nn.Parameter(torch.randn(d) * cfg.init_std)
 
         self.checkpoint_layers = False  # recompute each Transformer layer in backward (set by the trainer)
+        self.cnn = CNNRunner()  # how the per-clip CNNs run: chunks, recompute, clips with gradients (set by the trainer)
         self.transformers = TRANSFORMERS[cfg.fusion]
         n_layers, self.plan = layer_plan(cfg.sharing, cfg.fusion, cfg.layers)
         lowrank = cfg.sharing == "lowrank"
@@ -159,6 +238,15 @@ class AVBert(nn.Module):
             }
         )
 
+    def set_memory_options(
+        self, activation_checkpointing: bool = False, cnn_chunk: int = 0, cnn_checkpoint: bool = False, clips_with_grad: int = 0
+    ) -> AVBert:
+        """What trades compute for memory in training (the ``train`` config keys of the same names): recompute the
+        Transformer layers, and how the per-clip CNNs run (:class:`CNNRunner`). Returns ``self``."""
+        self.checkpoint_layers = activation_checkpointing
+        self.cnn = CNNRunner(cnn_chunk, cnn_checkpoint, clips_with_grad)
+        return self
+
     # -- parts, for parameter accounting -----------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
         """The model split into the parts the paper counts separately; every parameter is in exactly one."""
@@ -174,11 +262,13 @@ class AVBert(nn.Module):
         return [self.layers[i] for i in self.plan[name]]
 
     # -- clip tokens ---------------------------------------------------------------------------------------
-    def _per_clip(self, cnn: nn.Module, proj: nn.Module, clips: Tensor, clip_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _per_clip(
+        self, cnn: nn.Module, proj: nn.Module, clips: Tensor, clip_mask: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
         """Run ``cnn`` on the real clips of ``clips [B, T, ...]``; returns features [B,T,C] and tokens [B,T,D]."""
         b, t = clips.shape[:2]
         flat = clips.flatten(0, 1) if clip_mask is None else clips[clip_mask]
-        feats = cnn(flat)
+        feats = self.cnn(cnn, flat, clip_mask, generator, b, t)
         tokens = proj(feats)
         if clip_mask is None:
             return feats.unflatten(0, (b, t)), tokens.unflatten(0, (b, t))
@@ -186,15 +276,20 @@ class AVBert(nn.Module):
         tokens_full = tokens.new_zeros(b, t, tokens.shape[-1]).masked_scatter(clip_mask[..., None], tokens)
         return feats_full, tokens_full
 
-    def embed_visual(self, video: Tensor, clip_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``video [B, T, 3, F, H, W]`` -> (features ``[B, T, 32*visual_width]``, tokens ``[B, T, D]``)."""
+    def embed_visual(
+        self, video: Tensor, clip_mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``video [B, T, 3, F, H, W]`` -> (features ``[B, T, 32*visual_width]``, tokens ``[B, T, D]``). ``generator``
+        draws the clips that get gradients when ``self.cnn.clips_with_grad`` is set (default: the global RNG)."""
         _check_clips("video", video, 6, "[B, T, 3, frames, height, width]", 3, self.cfg.max_clips, clip_mask)
-        return self._per_clip(self.visual_cnn, self.visual_proj, video, clip_mask)
+        return self._per_clip(self.visual_cnn, self.visual_proj, video, clip_mask, generator)
 
-    def embed_audio(self, audio: Tensor, clip_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def embed_audio(
+        self, audio: Tensor, clip_mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``audio [B, T, 1, n_mels, frames]`` -> (features ``[B, T, 32*audio_width]``, tokens ``[B, T, D]``)."""
         _check_clips("audio", audio, 5, "[B, T, 1, n_mels, frames]", 1, self.cfg.max_clips, clip_mask)
-        return self._per_clip(self.audio_cnn, self.audio_proj, audio, clip_mask)
+        return self._per_clip(self.audio_cnn, self.audio_proj, audio, clip_mask, generator)
 
     # -- Transformers --------------------------------------------------------------------------------------
     def _run(self, name: str, h: Tensor, positions: Tensor, types: Tensor | None, key_mask: Tensor | None, cache: RotationCache) -> Tensor:
