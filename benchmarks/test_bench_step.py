@@ -38,12 +38,13 @@ def test_train_step(benchmark, full, preset, scheme):
     batch, rounds = CASES[preset] if full else (2, 1)
     cfg = load_config(preset, overrides=[f"model.sharing={scheme}"])
     d = cfg.data
-    train_step, model = training_step(cfg, batch, DEVICE)
+    ts = training_step(cfg, batch, DEVICE)
+    model = ts.model
     bf16 = use_bf16(cfg.train, torch.device(DEVICE))
     losses: list[float] = []
 
     def step() -> None:
-        losses.append(train_step())
+        losses.append(float(ts.step()))
 
     before = [p.detach().clone() for p in model.layers.parameters()]
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if full else 0)

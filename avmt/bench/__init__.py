@@ -5,6 +5,7 @@ and the report (``python -m avmt.bench report``, :mod:`avmt.bench.report`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,10 +22,20 @@ def random_clips(data: DataConfig, batch: int, device: torch.device | str, clips
     return video, audio
 
 
-def training_step(cfg: Config, batch: int, device: torch.device | str, seed: int = 0) -> tuple[Callable[[], float], torch.nn.Module]:
-    """A fresh model and ``step()``: the step ``avmt.train`` runs per batch on random clips (``Pretraining`` forward
-    under bf16 autocast when training would use it, backward, ``AdamW.step()``, ``zero_grad``); ``step()`` returns
-    the loss as a float (which also waits for a GPU). Returns ``(step, model)``."""
+class TrainingStep(NamedTuple):
+    """A fresh model, its objectives and optimizer, and ``step()``, from :func:`training_step`."""
+
+    step: Callable[[], Tensor]
+    model: torch.nn.Module
+    pretraining: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def training_step(cfg: Config, batch: int, device: torch.device | str, seed: int = 0) -> TrainingStep:
+    """The step ``avmt.train`` runs per batch, on random clips of the config's shape: ``Pretraining`` forward under
+    bf16 autocast when training would use it, backward, ``AdamW.step()``, ``zero_grad``, with the config's memory
+    options (``train.activation_checkpointing``, ``train.cnn_*``, ``train.clips_with_grad``). ``step()`` returns the
+    detached loss (``float()`` of it waits for a GPU); it also works on fake tensors (``FakeTensorMode``)."""
     from avmt.models import AVBert
     from avmt.objectives import Pretraining
     from avmt.train import build_optimizer, use_bf16
@@ -36,17 +47,17 @@ def training_step(cfg: Config, batch: int, device: torch.device | str, seed: int
         model = AVBert(cfg.model).set_memory_options(tc.activation_checkpointing, tc.cnn_chunk, tc.cnn_checkpoint, tc.clips_with_grad)
         pre = Pretraining(model, cfg.objective)
     pre.train()
-    opt = build_optimizer(pre.parameters(), cfg.train)
+    opt = build_optimizer(pre.parameters(), tc)
     gen = torch.Generator().manual_seed(seed)
     video, audio = random_clips(cfg.data, batch, device)
-    bf16 = use_bf16(cfg.train, device)
+    bf16 = use_bf16(tc, device)
 
-    def step() -> float:
+    def step() -> Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = pre(video, audio, generator=gen).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()
 
-    return step, model
+    return TrainingStep(step, model, pre, opt)

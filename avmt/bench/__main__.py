@@ -121,6 +121,42 @@ def _memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peak(args: argparse.Namespace) -> int:
+    from avmt.bench.peak import step_peak
+    from avmt.bench.report import mib
+
+    args.overrides = ["model.kernel=reference", f"train.precision={args.precision}", *args.overrides]
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"python -m avmt.bench peak: error: {e}", file=sys.stderr)
+        return 2
+    rows = {}
+    for s in args.schemes.split(","):
+        if s not in SHARING_SCHEMES:
+            print(f"python -m avmt.bench peak: unknown scheme {s!r}", file=sys.stderr)
+            return 2
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sharing=s))
+        rows[s] = step_peak(c, args.batch, clips=args.clips, mode=args.mode, device=args.device, scope=args.scope)
+    if args.json:
+        print(json.dumps({s: r.to_dict() for s, r in rows.items()}, indent=1))
+        return 0
+    t = args.clips or cfg.data.num_clips
+    print(
+        f"avmt whole-step peak: preset={cfg.preset} scope={args.scope} batch={args.batch} T={t} {args.precision} mode={args.mode}   (MiB)"
+    )
+    print(f"{'scheme':8} {'peak':>10} {'params':>9} {'grads':>9} {'optim':>9} {'activ':>9} {'temp':>9}  at")
+    for s, r in rows.items():
+        p = r.parts
+        print(
+            f"{s:8} {mib(r.peak_bytes):>10} {mib(p.get('PARAM')):>9} {mib(p.get('GRAD')):>9} {mib(p.get('OPT')):>9} "
+            f"{mib(p.get('ACT')):>9} {mib(p.get('TEMP')):>9}  {r.peak_at}"
+        )
+    if "none" in rows and "lowrank" in rows:
+        print(f"whole-step peak, none / lowrank: {rows['none'].peak_bytes / rows['lowrank'].peak_bytes:.2f}x")
+    return 0
+
+
 def _gpu(args: argparse.Namespace) -> int:
     from avmt.bench.gpu import run_check
 
@@ -157,6 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schemes", default=",".join(SHARING_SCHEMES))
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_memory)
+
+    p = sub.add_parser("peak", help="peak memory of a whole training step per sharing scheme (avmt.bench.peak)")
+    add_config_arguments(p)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--clips", type=int, default=None, help="T (default: the config's data.num_clips)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--schemes", default=",".join(SHARING_SCHEMES))
+    p.add_argument("--mode", choices=["fake", "real"], default="fake", help="fake: FakeTensorMode estimate; real: real tensors")
+    p.add_argument("--device", default="cpu", help="with --mode real: cuda to measure a GPU (and its allocator peak)")
+    p.add_argument(
+        "--scope",
+        choices=["model", "pretraining"],
+        default="model",
+        help="model: CNNs + Transformers + AdamW (fake or real); pretraining: the whole objective (real only)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_peak)
 
     p = sub.add_parser("gpu", help="the one-shot GPU check: every GPU path, JSON written after each part (avmt.bench.gpu)")
     from avmt.bench.gpu import add_arguments

@@ -442,7 +442,12 @@ def part_step(ctx: Part) -> dict[str, Any]:
             rows[scheme] = {"note": "not run: part deadline"}
             continue
         cfg = load_config(preset, overrides=[f"model.sharing={scheme}"])
-        step, model = training_step(cfg, batch, dev)
+        ts = training_step(cfg, batch, dev)
+        model = ts.model
+
+        def step(ts=ts) -> float:
+            return float(ts.step())
+
         before = [p.detach().clone() for p in model.layers.parameters()]
         first_loss = step()  # warm-up: cuDNN/Triton autotuning, allocator growth
         if dev.type == "cuda":
@@ -467,7 +472,7 @@ def part_step(ctx: Part) -> dict[str, Any]:
         ctx.record("steps", rows)
         if not ok:
             bad.append(scheme)
-        del step, model, before
+        del step, ts, model, before
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -499,7 +504,7 @@ def part_largest_batch(ctx: Part) -> dict[str, Any]:
             if time.time() > stop:
                 raise _Deadline
             if ctx.dry_run:  # the CPU has no allocator limit: a real step, under a pretend limit of 2 sequences
-                ok = b <= 2 and math.isfinite(training_step(cfg, b, "cpu")[0]())
+                ok = b <= 2 and math.isfinite(float(training_step(cfg, b, "cpu").step()))
             else:
                 ok = training_step_fits(cfg, b, ctx.device)
             tried.append((b, ok))

@@ -71,7 +71,7 @@ def training_step_fits(cfg: Config, batch: int, device: str | torch.device = "cu
         raise ValueError("training_step_fits measures a CUDA device's memory; got " + str(device))
 
     def step() -> None:  # every tensor it makes is a local, freed when it returns or raises
-        training_step(cfg, batch, device)[0]()
+        float(training_step(cfg, batch, device).step())
 
     fitted = True
     try:
