@@ -364,7 +364,7 @@ def finetune(
     from tqdm import tqdm
 
     from avmt.data.loader import build_loader
-    from avmt.train import lr_factor
+    from avmt.optim import lr_factor
 
     loader = build_loader(records, cfg.data, settings.batch_size, train=True, device=device, seed=settings.seed, drop_last=True)
     steps_per_epoch = len(loader)

@@ -5,18 +5,21 @@ With no arguments it pretrains the ``tiny`` preset on a synthetic audio-visual d
 
     torchrun --nproc_per_node 8 -m avmt.train --preset paper data.manifest=prepared/manifest.jsonl
 
-Read top to bottom: set-up, data, model + objectives, optimizer + schedule, resume, the loop, summary.
+``train()`` reads top to bottom in one screen: data (:func:`build_data`), model + objectives, optimizer + schedule
+(:mod:`avmt.optim`), resume (:func:`restore`), the loop (one optimizer step's micro-batches: :func:`accumulate`),
+summary; rank 0's logging is :class:`_Log`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from avmt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from avmt.config import Config, ConfigError, DataConfig, TrainConfig, add_config_arguments, config_from_args
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
+from avmt.optim import build_optimizer, build_scheduler, use_bf16
 
 
 class TrainingError(RuntimeError):
@@ -65,24 +69,6 @@ def synthetic_manifest(data: DataConfig, count: int = 120, progress: bool = True
     return manifest
 
 
-def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then cosine down to ``floor`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(params: Iterable[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
-    """The paper's optimizer (docs/method.md §6): AdamW, with AMSGrad when ``train.amsgrad`` (then 3 state buffers per parameter)."""
-    return torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
-
-
-def use_bf16(tc: TrainConfig, device: torch.device) -> bool:
-    """Whether a training step runs under bf16 autocast: ``train.precision=bf16``, or ``auto`` on a CUDA device."""
-    return tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-
-
 def _setup_distributed() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -95,19 +81,22 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
-    """Run (or continue) the pretraining described by ``cfg``; returns the summary dict (rank 0's view).
+@dataclass
+class RunState:
+    """Where a run is: what a checkpoint stores besides the weights, optimizer and RNG states."""
 
-    ``stop_at``: save and return after that step, as if the job were interrupted (the schedule still spans
-    ``train.max_steps``; a later call resumes from there).
-    """
-    rank, world, device = _setup_distributed()
-    tc, run_dir = cfg.train, Path(cfg.train.run_dir)
-    is_main = rank == 0
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
+    nonfinite_total: int = 0
 
-    # -- data: fail before any work if it is missing or the loader cannot run --------------------------------------
+
+def build_data(cfg: Config, device: torch.device, rank: int, world: int, progress: bool) -> Any:
+    """This process's training loader (``data.loader``); fails before any work if the data or the loader cannot be
+    had. Without ``data.manifest``, the synthetic dataset that fits ``cfg.data`` (rank 0 generates it once)."""
     from avmt.data.loader import LoaderError, build_loader, select_loader
 
+    tc = cfg.train
     try:
         select_loader(cfg.data.loader, device)
     except LoaderError as e:
@@ -117,13 +106,13 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
         if not manifest.is_file():
             raise TrainingError(f"data.manifest={cfg.data.manifest!r} does not exist; run python -m avmt.data.prepare first")
     else:
-        if is_main:  # rank 0 generates it once; the others wait, then only look it up
+        if rank == 0:  # rank 0 generates it once; the others wait, then only look it up
             manifest = synthetic_manifest(cfg.data, progress=progress)
         if dist.is_initialized():
             dist.barrier()
-        if not is_main:
+        if rank != 0:
             manifest = synthetic_manifest(cfg.data, progress=False)
-    try:  # data.loader: the CPU (PyAV) loader, or DALI (avmt.data.loader); both resume mid-epoch with iterate(k)
+    try:  # the CPU (PyAV) loader, or DALI; both resume mid-epoch with iterate(k)
         loader = build_loader(
             manifest, cfg.data, tc.batch_size, train=True, device=device, seed=tc.seed, shard_id=rank, num_shards=world, drop_last=True
         )
@@ -131,33 +120,75 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
         raise TrainingError(str(e)) from None
     if len(loader) == 0:
         raise TrainingError(f"{manifest} holds fewer videos than one batch of {tc.batch_size} per process ({world} process(es))")
+    return loader
 
-    # -- model, objectives, optimizer, schedule ---------------------------------------------------------------------
+
+def restore(
+    ckpt: Path, cfg: Config, pre: Pretraining, opt: Any, sched: Any, gen: torch.Generator, rank: int, device: torch.device
+) -> RunState:
+    """Load ``ckpt`` into the model, optimizer, schedule and RNGs; returns where the run was."""
+    state = load_checkpoint(ckpt, pre, map_location=device)
+    if state["config"]["model"] != cfg.to_dict()["model"]:
+        raise TrainingError(f"{ckpt} was trained with another model config; use a new train.run_dir or resume=false")
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    gen.set_state(state["objective_rng"][rank] if rank < len(state["objective_rng"]) else state["objective_rng"][0])
+    return RunState(state["step"], state["epoch"], state["batch_in_epoch"], state["nonfinite_total"])
+
+
+def accumulate(
+    net: torch.nn.Module, batches: Any, tc: TrainConfig, device: torch.device, bf16: bool, gen: torch.Generator
+) -> tuple[str, int, dict[str, float], float]:
+    """Forward + backward of the ``train.grad_accum`` micro-batches of one optimizer step.
+
+    Returns ``(outcome, micro-batches consumed, mean metrics, seconds waiting for data)``; outcome ``ok``, ``epoch_end``
+    (the epoch ran out: a partial step is dropped) or ``nonfinite`` (a loss was NaN/inf on some rank: every rank skips).
+    """
+    metrics: dict[str, float] = {}
+    used, wait = 0, 0.0
+    for _ in range(tc.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        wait += time.perf_counter() - t0
+        if batch is None:
+            return "epoch_end", used, metrics, wait
+        used += 1
+        video, audio = batch["video"].to(device, non_blocking=True), batch["audio"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = net(video, audio, generator=gen)
+        flag = torch.tensor([float(torch.isfinite(out.loss))], device=device)
+        if dist.is_initialized():  # every rank skips together, or DDP's backward would hang
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1:
+            return "nonfinite", used, metrics, wait
+        (out.loss / tc.grad_accum).backward()
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) / tc.grad_accum
+    return "ok", used, metrics, wait
+
+
+def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+    """Run (or continue) the pretraining described by ``cfg``; returns the summary dict (rank 0's view).
+
+    ``stop_at``: save and return after that step, as if the job were interrupted (the schedule still spans
+    ``train.max_steps``; a later call resumes from there).
+    """
+    rank, world, device = _setup_distributed()
+    tc, run_dir, is_main = cfg.train, Path(cfg.train.run_dir), rank == 0
+    loader = build_data(cfg, device, rank, world, progress)
+
     torch.manual_seed(tc.seed)
-    model = AVBert(cfg.model)
-    model.set_memory_options(tc.activation_checkpointing, tc.cnn_chunk, tc.cnn_checkpoint, tc.clips_with_grad)
+    model = AVBert(cfg.model).set_memory_options(tc.activation_checkpointing, tc.cnn_chunk, tc.cnn_checkpoint, tc.clips_with_grad)
     pre = Pretraining(model, cfg.objective).to(device)
     net = DistributedDataParallel(pre, find_unused_parameters=True) if world > 1 else pre
-    opt = build_optimizer(pre.parameters(), tc)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
+    opt, bf16 = build_optimizer(pre.parameters(), tc), use_bf16(tc, device)
+    sched = build_scheduler(opt, tc)
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)  # masks, swaps, negative-sampling seeds
-    bf16 = use_bf16(tc, device)
-
-    # -- resume -----------------------------------------------------------------------------------------------------
-    step, epoch, batch_in_epoch, nonfinite_total = 0, 0, 0, 0
     ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, pre, map_location=device)
-        if state["config"]["model"] != cfg.to_dict()["model"]:
-            raise TrainingError(f"{ckpt} was trained with another model config; use a new train.run_dir or resume=false")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        nonfinite_total = state["nonfinite_total"]
-        torch.set_rng_state(state["torch_rng"])
-        gen.set_state(state["objective_rng"][rank] if rank < len(state["objective_rng"]) else state["objective_rng"][0])
-        if is_main:
-            print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+    run = restore(ckpt, cfg, pre, opt, sched, gen, rank, device) if ckpt is not None else RunState()
+    if ckpt is not None and is_main:
+        print(f"resumed from {ckpt} at step {run.step}", file=sys.stderr)
 
     def save() -> Path:
         rngs = [gen.get_state()]
@@ -166,80 +197,33 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
             dist.all_gather(rngs, gen.get_state())
         if not is_main:
             return run_dir
-        return save_checkpoint(
-            run_dir,
-            step,
-            pre,
-            {
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "nonfinite_total": nonfinite_total,
-                "torch_rng": torch.get_rng_state(),
-                "objective_rng": rngs,
-                "config": cfg.to_dict(),
-            },
-        )
+        extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **dataclasses.asdict(run)}
+        extra |= {"torch_rng": torch.get_rng_state(), "objective_rng": rngs, "config": cfg.to_dict()}
+        return save_checkpoint(run_dir, run.step, pre, extra)
 
-    # -- logging ----------------------------------------------------------------------------------------------------
-    writer = log_file = bar = None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        log_file = open(run_dir / "metrics.jsonl", "a")
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-        bar = tqdm(total=tc.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="pretrain")
-
-    # -- the loop ---------------------------------------------------------------------------------------------------
+    log = _Log(run_dir, cfg, run.step, progress) if is_main else None
     pre.train()
-    nonfinite_run, history = 0, []
-    t_data = t_total = 0.0
-    tick = time.perf_counter()
+    nonfinite_run, t_data, t_total, tick = 0, 0.0, 0.0, time.perf_counter()
     end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
-    while step < end:
-        loader.set_epoch(epoch)
-        batches = loader.iterate(batch_in_epoch)
-        epoch_done = False
-        while step < end and not epoch_done:
-            # one optimizer step = grad_accum micro-batches; a partial one at the end of an epoch is dropped
-            metrics_sum: dict[str, float] = {}
-            finite = True
-            for _ in range(tc.grad_accum):
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                t_data += time.perf_counter() - t0
-                if batch is None:
-                    epoch_done = True
-                    break
-                batch_in_epoch += 1
-                video, audio = batch["video"].to(device, non_blocking=True), batch["audio"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = net(video, audio, generator=gen)
-                flag = torch.tensor([float(torch.isfinite(out.loss))], device=device)
-                if dist.is_initialized():  # every rank skips together, or DDP's backward would hang
-                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                if flag.item() < 1:
-                    finite = False
-                    break
-                (out.loss / tc.grad_accum).backward()
-                for k, v in out.metrics.items():
-                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / tc.grad_accum
-            if epoch_done or not finite:
+    while run.step < end:
+        loader.set_epoch(run.epoch)
+        batches = loader.iterate(run.batch_in_epoch)
+        while run.step < end:
+            outcome, used, metrics, wait = accumulate(net, batches, tc, device, bf16, gen)
+            run.batch_in_epoch += used
+            t_data += wait
+            if outcome != "ok":
                 opt.zero_grad(set_to_none=True)
-            if epoch_done:
+            if outcome == "epoch_end":
+                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
                 break
-            if not finite:
+            if outcome == "nonfinite":
                 nonfinite_run += 1
-                nonfinite_total += 1
+                run.nonfinite_total += 1
                 if nonfinite_run >= tc.max_nonfinite:
                     save()
                     raise TrainingError(
-                        f"{nonfinite_run} non-finite losses in a row at step {step}; stopped. The checkpoint in "
+                        f"{nonfinite_run} non-finite losses in a row at step {run.step}; stopped. The checkpoint in "
                         f"{run_dir / 'checkpoints'} holds the weights from before them; lower train.lr or check the data"
                     )
                 continue
@@ -248,56 +232,68 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            step += 1
+            run.step += 1
             now = time.perf_counter()
-            t_total += now - tick
-            tick = now
-            if is_main:
-                record = {
-                    "step": step,
-                    "lr": sched.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    **metrics_sum,
-                    "nonfinite_skipped": nonfinite_total,
-                    "epoch": epoch,
-                }
-                history.append(record)
-                log_file.write(json.dumps(record) + "\n")
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    log_file.flush()
-                    for k, v in record.items():
-                        if k != "step":
-                            writer.add_scalar(k, v, step)
-                    seqs = tc.batch_size * tc.grad_accum * world
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}",
-                        mep=f"{record.get('mep_multimodal_acc', record.get('mep_visual_acc', 0)):.2f}",
-                        cpp=f"{record['cpp_acc']:.2f}",
-                        seq_s=f"{seqs * step / max(t_total, 1e-9):.1f}",
-                        data=f"{t_data / max(t_total, 1e-9):.0%}",
-                    )
-                bar.update(1)
-            if step % tc.save_every == 0:
+            t_total, tick = t_total + now - tick, now
+            if log is not None:
+                record = {"step": run.step, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **metrics}
+                log.step(record | {"nonfinite_skipped": run.nonfinite_total, "epoch": run.epoch}, tc, world, t_data, t_total)
+            if run.step % tc.save_every == 0:
                 save()
-        if epoch_done:
-            epoch, batch_in_epoch = epoch + 1, 0
     path = save()
     if dist.is_initialized():  # the others wait for rank 0's last save before anyone tears the process group down
         dist.barrier()
     loader.close()  # DALI: free its prefetching threads now, not at garbage collection (DALILoader.close)
-
-    summary: dict[str, Any] = {"steps": step, "checkpoint": str(path), "nonfinite_skipped": nonfinite_total}
-    if is_main:
-        bar.close()
-        writer.close()
-        log_file.close()
-        last = history[-SUMMARY_STEPS:]
-        for key in sorted({k for r in last for k in r}):
-            if key.startswith(("mep_", "cpp_", "loss")):
-                summary[key] = sum(r[key] for r in last if key in r) / max(1, sum(key in r for r in last))
-        summary["seconds"] = t_total
-        summary["data_wait_share"] = t_data / max(t_total, 1e-9)
+    summary: dict[str, Any] = {"steps": run.step, "checkpoint": str(path), "nonfinite_skipped": run.nonfinite_total}
+    if log is not None:
+        summary |= log.close() | {"seconds": t_total, "data_wait_share": t_data / max(t_total, 1e-9)}
     return summary
+
+
+class _Log:
+    """Rank 0's record of a run: ``metrics.jsonl`` (every step), TensorBoard and the progress bar (every
+    ``train.log_every`` steps), and the summary's means over the last ``SUMMARY_STEPS`` steps."""
+
+    def __init__(self, run_dir: Path, cfg: Config, step: int, progress: bool) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="pretrain")
+        self.history: list[dict[str, Any]] = []
+
+    def step(self, record: dict[str, Any], tc: TrainConfig, world: int, t_data: float, t_total: float) -> None:
+        step = record["step"]
+        self.history.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            self.file.flush()
+            for k, v in record.items():
+                if k != "step":
+                    self.writer.add_scalar(k, v, step)
+            seqs = tc.batch_size * tc.grad_accum * world
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                mep=f"{record.get('mep_multimodal_acc', record.get('mep_visual_acc', 0)):.2f}",
+                cpp=f"{record['cpp_acc']:.2f}",
+                seq_s=f"{seqs * step / max(t_total, 1e-9):.1f}",
+                data=f"{t_data / max(t_total, 1e-9):.0%}",
+            )
+        self.bar.update(1)
+
+    def close(self) -> dict[str, float]:
+        self.bar.close()
+        self.writer.close()
+        self.file.close()
+        last = self.history[-SUMMARY_STEPS:]
+        return {
+            key: sum(r[key] for r in last if key in r) / max(1, sum(key in r for r in last))
+            for key in sorted({k for r in last for k in r})
+            if key.startswith(("mep_", "cpp_", "loss"))
+        }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ import torch
 from avmt.bench import training_step
 from avmt.bench.search import largest_fitting_batch, training_step_fits
 from avmt.config import SHARING_SCHEMES, load_config
+from avmt.optim import use_bf16
 from avmt.params import count_parts
-from avmt.train import use_bf16
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = {  # preset: (batch, rounds) in full mode

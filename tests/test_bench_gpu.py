@@ -164,5 +164,5 @@ def test_report_renders_a_gpu_check(tmp_path):
     assert "| 1024 | 1 | 4 | 10 | 4.0× | 0 |" in md  # sampling: ms per call and the speed-up over the reference
     assert "1 of 2 accuracy cases within 2×" in md and "worst ratio 3.10" in md
     assert "| 768→3072 +GELU | 1024 | bfloat16 | 3 | 1 | 2 | 3.00× | 2.00× | 0 |" in md
-    assert "| `lowrank` | 0.5 | 8 | 1,024.0 | 3 |" in md
+    assert "| `lowrank` | 0.5 | 8 | 1,024.0 | - | - | 3 |" in md
     assert "| `lowrank` | ≥ 32 (stopped) | 1 |" in md and "| `none` | 40 | 1 |" in md

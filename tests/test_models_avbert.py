@@ -194,7 +194,7 @@ def _tiny_step_state(runner: CNNRunner, steps: int = 3) -> tuple[list[float], di
     """Losses of ``steps`` fp32 pretraining steps of `tiny`, then every gradient and every BatchNorm buffer."""
     from avmt.bench import random_clips
     from avmt.objectives import Pretraining
-    from avmt.train import build_optimizer
+    from avmt.optim import build_optimizer
 
     cfg = load_config("tiny")
     torch.manual_seed(0)

@@ -12,7 +12,8 @@ from avmt.checkpoint import latest_checkpoint, load_checkpoint
 from avmt.config import load_config
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
-from avmt.train import TrainingError, lr_factor, synthetic_manifest, train
+from avmt.optim import lr_factor
+from avmt.train import TrainingError, synthetic_manifest, train
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def training_step(cfg: Config, batch: int, device: torch.device | str, seed: int
     detached loss (``float()`` of it waits for a GPU); it also works on fake tensors (``FakeTensorMode``)."""
     from avmt.models import AVBert
     from avmt.objectives import Pretraining
-    from avmt.train import build_optimizer, use_bf16
+    from avmt.optim import build_optimizer, use_bf16
 
     device = torch.device(device)
     torch.manual_seed(seed)

@@ -430,8 +430,9 @@ def part_step(ctx: Part) -> dict[str, Any]:
     import torch
 
     from avmt.bench import training_step
+    from avmt.bench.peak import step_peak
     from avmt.config import SHARING_SCHEMES, load_config
-    from avmt.train import use_bf16
+    from avmt.optim import use_bf16
 
     dev = ctx.device
     preset, batch, steps = ("tiny", 2, 2) if ctx.dry_run else ("paper", 4, 5)
@@ -476,6 +477,16 @@ def part_step(ctx: Part) -> dict[str, Any]:
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        if ctx.left() > 30:  # the whole-step peak estimator (avmt.bench.peak) against the allocator's own peak
+            est = step_peak(cfg, batch, mode="real", device=dev, scope="pretraining")
+            rows[scheme]["estimated_peak_bytes"] = est.peak_bytes
+            rows[scheme]["estimated_peak_at"] = est.peak_at
+            if est.allocator_peak_bytes:
+                rows[scheme]["estimate_over_allocator"] = est.peak_bytes / est.allocator_peak_bytes
+            ctx.record("steps", rows)
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     if bad:
         return {"status": "failed", "reason": f"non-finite loss or parameters that did not move: {bad}"}
     return {"status": "passed"}

@@ -44,9 +44,9 @@ from avmt.bench import random_clips
 from avmt.config import Config
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
+from avmt.optim import build_optimizer
 from avmt.params import PARTS as MODEL_PARTS
 from avmt.params import part_parameters
-from avmt.train import build_optimizer
 
 PARTS = (*MODEL_PARTS, "heads")
 SCOPES = ("transformer", "model", "pretraining")

@@ -53,7 +53,7 @@ def _model_step(cfg: Config, batch: int, device: torch.device) -> tuple[Any, tor
     fake tensors; the MEP/CPP heads it leaves out are small next to the CNNs."""
     from avmt.bench import random_clips
     from avmt.models import AVBert
-    from avmt.train import build_optimizer, use_bf16
+    from avmt.optim import build_optimizer, use_bf16
 
     torch.manual_seed(0)
     tc = cfg.train

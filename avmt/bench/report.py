@@ -734,13 +734,15 @@ def _gpu_check_section(res: Results) -> list[str]:
             md += [f"Pretraining step, `{first['preset']}` preset, batch {first['batch']} × T={first['clips']}, {first['precision']}:", ""]
             md += [
                 _table(
-                    ["scheme", "s/step", "sequences/s", "peak MiB", "syncs/step"],
+                    ["scheme", "s/step", "sequences/s", "peak MiB", "estimated peak MiB", "estimate / allocator", "syncs/step"],
                     [
                         [
                             f"`{s}`",
                             f"{r['seconds_per_step']:.3g}",
                             f"{r['sequences_per_s']:.3g}",
                             mib(r.get("peak_allocated_bytes")),
+                            mib(r.get("estimated_peak_bytes")),
+                            f"{r['estimate_over_allocator']:.2f}" if r.get("estimate_over_allocator") else "-",
                             str(r.get("syncs_per_step")),
                         ]
                         for s, r in sorted(steps.items(), key=lambda kv: _scheme_order(kv[0]))

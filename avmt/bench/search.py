@@ -61,7 +61,7 @@ def training_step_fits(cfg: Config, batch: int, device: str | torch.device = "cu
     """True if one training step of ``batch`` sequences runs on ``device`` (CUDA) without running out of memory.
 
     The step is the one ``avmt.train`` runs: ``Pretraining`` forward under bf16 autocast when ``avmt.train`` would
-    use it (:func:`avmt.train.use_bf16`), backward, then ``AdamW.step()`` (which allocates the optimizer state). Everything is
+    use it (:func:`avmt.optim.use_bf16`), backward, then ``AdamW.step()`` (which allocates the optimizer state). Everything is
     freed before returning, OOM or not.
     """
     from avmt.bench import training_step
