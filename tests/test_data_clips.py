@@ -101,3 +101,15 @@ def test_shards_partition_every_epoch():
     np.testing.assert_array_equal(shard_indices(5, 0, 0, False), np.arange(5))
     with pytest.raises(ValueError, match="shard_id"):
         shard_indices(5, 0, 0, False, 3, 3)
+
+
+def test_long_sequences_up_to_240_clips():
+    """8-minute sequences: 240 clips of 2 s in a 480 s window, planned inside a 10-minute video and, by the
+    short-video rule, spread over a 5-minute one."""
+    cfg = dataclasses.replace(CFG, num_clips=240, window_seconds=480.0)
+    rng = np.random.default_rng(0)
+    for duration in (600.0, 300.0):
+        n = int(duration * 25)
+        plan = plan_sequence(cfg, duration, 25.0, n, train=True, rng=rng)
+        check_plan(plan, cfg, duration, 25.0, n)
+        assert plan.short == (duration < 480) and np.all(np.diff(plan.clip_starts) > 0)

@@ -276,3 +276,19 @@ def test_cnn_options_are_checked():
         load_config("tiny", overrides=["train.clips_with_grad=5"])
     with pytest.raises(ConfigError, match=r"data.num_clips=17 is invalid: expected at most model.max_clips=16"):
         load_config("tiny", overrides=["data.num_clips=17", "data.window_seconds=34"])
+
+
+def test_paper_preset_takes_240_clips_when_asked():
+    """The paper preset with 8-minute sequences (model.max_clips, data.num_clips, data.window_seconds raised): the
+    config builds and a whole forward runs (on fake tensors: shapes only, no memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = load_config("paper", overrides=["model.max_clips=240", "data.num_clips=240", "data.window_seconds=480", "model.kernel=reference"])
+    d = cfg.data
+    with FakeTensorMode():
+        model = AVBert(cfg.model)
+        video = torch.randn(1, 240, 3, d.frames, d.crop_size, d.crop_size)
+        audio = torch.randn(1, 240, 1, d.n_mels, d.mel_frames)
+        with torch.no_grad():
+            out = model(video, audio)
+    assert out.multimodal.shape == (1, 2 * 241, cfg.model.dim) and out.visual.shape == (1, 241, cfg.model.dim)
