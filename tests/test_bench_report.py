@@ -100,3 +100,30 @@ def test_report_cli(tmp_path, capsys):
     _bench_json(empty / "x.json", [("m", {"mean": 1.0}, dict(kind="memory", preset="tiny", variant="tiny", **r.to_dict()))])
     assert bench_main(["report", str(empty), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
     assert "`lowrank`" in (tmp_path / "r.md").read_text()
+
+
+def test_report_renders_whole_step_peaks(tmp_path):
+    runs = {
+        "plain": {
+            "command": "python -m avmt.bench peak ...",
+            "results": {
+                "none": {"peak_bytes": 4 * 2**30, "parts": {"ACT": 3 * 2**30, "OPT": 2**29}, "peak_at": "model.cnn (peak_bw)"},
+                "lowrank": {"peak_bytes": 2 * 2**30, "parts": {"ACT": 2**30, "OPT": 2**27}, "peak_at": "model (peak_bw)"},
+            },
+        },
+    }
+    doc = {
+        "bench": "whole-step peak",
+        "device": "cpu",
+        "torch": "2.13",
+        "date": "2026-12-01",
+        "preset": "paper",
+        "batch": 4,
+        "clips": 15,
+        "precision": "bf16",
+        "runs": runs,
+    }
+    (tmp_path / "peak.json").write_text(json.dumps(doc))
+    md = render(load_results([tmp_path]), tmp_path, plots=False)
+    assert "| plain | `lowrank` | 2,048.0 | 1,024.0 | 128.0 | 2.00× | model (peak_bw) |" in md
+    assert "| plain | `none` | 4,096.0 | 3,072.0 | 512.0 |  | model.cnn (peak_bw) |" in md

@@ -59,6 +59,7 @@ class Results:
     loader: list[dict[str, Any]] = field(default_factory=list)
     sampling: list[dict[str, Any]] = field(default_factory=list)  # the sampling sweep's summary files
     gpu_checks: list[dict[str, Any]] = field(default_factory=list)  # python -m avmt.bench gpu
+    peaks: list[dict[str, Any]] = field(default_factory=list)  # python -m avmt.bench peak, collected
     skipped: list[str] = field(default_factory=list)
 
 
@@ -92,6 +93,19 @@ def load_results(paths: Iterable[str | Path]) -> Results:
                     "date": data.get("date"),
                     "command": data.get("command"),
                     "mode": "quick" if data.get("quick") else "full",
+                }
+            )
+        elif isinstance(data, dict) and data.get("bench") == "whole-step peak":
+            res.peaks.append({"path": str(f), **data})
+            res.sources.append(
+                {
+                    "path": str(f),
+                    "kind": "python -m avmt.bench peak",
+                    "device": data.get("device"),
+                    "torch": data.get("torch"),
+                    "date": data.get("date"),
+                    "command": "; ".join(r["command"] for r in data["runs"].values()),
+                    "mode": "full",
                 }
             )
         elif isinstance(data, dict) and data.get("kind") == "avmt-gpu-check":
@@ -770,6 +784,32 @@ def _gpu_check_section(res: Results) -> list[str]:
     return md
 
 
+def _peak_section(res: Results) -> list[str]:
+    md = ["## Whole-step peak (`python -m avmt.bench peak`)", ""]
+    if not res.peaks:
+        return md + ["No peak results.", ""]
+    for doc in res.peaks:
+        md += [f"{doc['preset']} preset, batch {doc['batch']} × T={doc['clips']}, {doc['precision']}; {doc['device']}, {doc['date']}:", ""]
+        rows = []
+        for run, r in doc["runs"].items():
+            res_ = r["results"]
+            ratio = res_["none"]["peak_bytes"] / res_["lowrank"]["peak_bytes"] if {"none", "lowrank"} <= set(res_) else None
+            for scheme, v in sorted(res_.items(), key=lambda kv: _scheme_order(kv[0])):
+                rows.append(
+                    [
+                        run,
+                        f"`{scheme}`",
+                        mib(v["peak_bytes"]),
+                        mib(v["parts"].get("ACT")),
+                        mib(v["parts"].get("OPT")),
+                        f"{ratio:.2f}×" if ratio and scheme == "lowrank" else "",
+                        v["peak_at"],
+                    ]
+                )
+        md += [_table(["run", "scheme", "peak MiB", "activations MiB", "AdamW state MiB", "none / lowrank", "peak at"], rows), ""]
+    return md
+
+
 def render(res: Results, out_dir: str | Path, plots: bool = True) -> str:
     """The Markdown report; PNGs (when ``plots``) are written into ``out_dir``, next to where the Markdown goes."""
     out_dir = Path(out_dir)
@@ -782,6 +822,7 @@ def render(res: Results, out_dir: str | Path, plots: bool = True) -> str:
     ]
     md += [""]
     md += _gpu_check_section(res)
+    md += _peak_section(res)
     md += _memory_section(res, out_dir, plots)
     md += _speed_section(res, out_dir, plots)
     md += _largest_batch_section(res)
