@@ -28,15 +28,27 @@ CASES = {  # preset: (batch, rounds) in full mode
 }
 
 
+# the CNN memory options (avmt.models.avbert.CNNRunner), timed side by side with the plain step
+VARIANTS = {
+    "plain": [],
+    "cnn_checkpoint": ["train.cnn_checkpoint=true"],
+    "cnn_checkpoint_chunk4": ["train.cnn_checkpoint=true", "train.cnn_chunk=4"],
+    "clips_with_grad2": ["train.clips_with_grad=2"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("scheme", SHARING_SCHEMES)
 @pytest.mark.parametrize("preset", list(CASES))
-def test_train_step(benchmark, full, preset, scheme):
+def test_train_step(benchmark, full, preset, scheme, variant):
     if not full and preset != "tiny":
         pytest.skip("full mode only (--full)")
     if preset == "paper" and DEVICE != "cuda":
         pytest.skip("the paper preset's step is timed on a GPU only (a CPU step would take minutes)")
+    if variant != "plain" and scheme != "lowrank":
+        pytest.skip("the memory options are timed for lowrank only")
     batch, rounds = CASES[preset] if full else (2, 1)
-    cfg = load_config(preset, overrides=[f"model.sharing={scheme}"])
+    cfg = load_config(preset, overrides=[f"model.sharing={scheme}", *VARIANTS[variant]])
     d = cfg.data
     ts = training_step(cfg, batch, DEVICE)
     model = ts.model
@@ -54,6 +66,7 @@ def test_train_step(benchmark, full, preset, scheme):
     mean = benchmark.stats.stats.mean if benchmark.stats is not None else float("nan")
     benchmark.extra_info.update(
         kind="step",
+        variant=variant,
         preset=preset,
         sharing=scheme,
         batch=batch,

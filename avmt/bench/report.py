@@ -445,10 +445,19 @@ def _plot_sweep(sweep: dict[tuple[str, str], tuple], schemes: list[str], path: P
 
 # -- speed -----------------------------------------------------------------------------------------------------------
 def _speed_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
-    steps = _latest(
+    every = _latest(
         [r for r in res.records if r.info.get("kind") == "step"],
-        lambda r: (r.info["preset"], r.info["sharing"], r.info["batch"], r.info["device"], r.info["precision"]),
+        lambda r: (
+            r.info["preset"],
+            r.info["sharing"],
+            r.info["batch"],
+            r.info["device"],
+            r.info["precision"],
+            r.info.get("variant", "plain"),
+        ),
     )
+    steps = {k[:5]: r for k, r in every.items() if k[5] == "plain"}  # per scheme, the plain step
+    variants = {k: r for k, r in every.items() if k[5] != "plain"}  # the CNN memory options, beside their plain step
     md = ["## Training-step time per sharing scheme", ""]
     if not steps:
         return md + ["No step timings.", ""]
@@ -472,6 +481,20 @@ def _speed_section(res: Results, out_dir: Path, plots: bool) -> list[str]:
         )
     md += [_table(["preset", "scheme", "batch", "device", "mean s", "min s", "median s", "sequences/s", "rounds", "run"], rows), ""]
     md += [_load_note(list(steps.values())), ""]
+    if variants:
+        md += [
+            "CNN memory options (`train.cnn_checkpoint`, `train.cnn_chunk`, `train.clips_with_grad`), median s per step and the",
+            "ratio to the plain step of the same run:",
+            "",
+        ]
+        vrows = []
+        for k, r in sorted(variants.items()):
+            base = steps.get(k[:5])
+            ratio = r.stats.get("median", float("nan")) / base.stats["median"] if base is not None and base.stats.get("median") else None
+            vrows.append(
+                [f"`{k[0]}`", f"`{k[1]}`", k[5], str(k[2]), f"{r.stats.get('median', float('nan')):.3f}", f"{ratio:.2f}×" if ratio else "-"]
+            )
+        md += [_table(["preset", "scheme", "variant", "batch", "median s", "vs plain"], vrows), ""]
     if plots:
         import matplotlib
 
