@@ -16,7 +16,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from avmt.config import SHARING_SCHEMES, ConfigError, add_config_arguments, config_from_args
+from avmt.config import SHARING_SCHEMES, Config, ConfigError, add_config_arguments, config_from_args
 
 SUITE = ("test_bench_memory.py", "test_bench_step.py", "test_bench_lowrank.py", "test_bench_sampling.py")
 
@@ -80,22 +80,31 @@ def _run(args: argparse.Namespace) -> int:
     return rc or _report(report_args)
 
 
+def _config_and_schemes(args: argparse.Namespace, command: str) -> tuple[Config | None, dict[str, Config]]:
+    """The config from the arguments and one copy per ``--schemes`` entry; (None, {}) after printing the error."""
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"python -m avmt.bench {command}: error: {e}", file=sys.stderr)
+        return None, {}
+    unknown = [s for s in args.schemes.split(",") if s not in SHARING_SCHEMES]
+    if unknown:
+        print(f"python -m avmt.bench {command}: unknown scheme {unknown[0]!r}", file=sys.stderr)
+        return None, {}
+    return cfg, {s: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sharing=s)) for s in args.schemes.split(",")}
+
+
 def _memory(args: argparse.Namespace) -> int:
     from avmt.bench.memory import measure_step
 
     args.overrides = ["model.sharing=none", "model.kernel=reference", *args.overrides]
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"python -m avmt.bench memory: error: {e}", file=sys.stderr)
+    cfg, schemes = _config_and_schemes(args, "memory")
+    if cfg is None:
         return 2
-    rows = {}
-    for s in args.schemes.split(","):
-        if s not in SHARING_SCHEMES:
-            print(f"python -m avmt.bench memory: unknown scheme {s!r}", file=sys.stderr)
-            return 2
-        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sharing=s))
-        rows[s] = measure_step(c, scope=args.scope, mode=args.mode, batch=args.batch, clips=args.clips, precision=args.precision)
+    rows = {
+        s: measure_step(c, scope=args.scope, mode=args.mode, batch=args.batch, clips=args.clips, precision=args.precision)
+        for s, c in schemes.items()
+    }
     if args.json:
         print(json.dumps({s: r.to_dict() for s, r in rows.items()}, indent=1))
         return 0
@@ -126,18 +135,10 @@ def _peak(args: argparse.Namespace) -> int:
     from avmt.bench.report import mib
 
     args.overrides = ["model.kernel=reference", f"train.precision={args.precision}", *args.overrides]
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"python -m avmt.bench peak: error: {e}", file=sys.stderr)
+    cfg, schemes = _config_and_schemes(args, "peak")
+    if cfg is None:
         return 2
-    rows = {}
-    for s in args.schemes.split(","):
-        if s not in SHARING_SCHEMES:
-            print(f"python -m avmt.bench peak: unknown scheme {s!r}", file=sys.stderr)
-            return 2
-        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sharing=s))
-        rows[s] = step_peak(c, args.batch, clips=args.clips, mode=args.mode, device=args.device, scope=args.scope)
+    rows = {s: step_peak(c, args.batch, clips=args.clips, mode=args.mode, device=args.device, scope=args.scope) for s, c in schemes.items()}
     if args.json:
         print(json.dumps({s: r.to_dict() for s, r in rows.items()}, indent=1))
         return 0
