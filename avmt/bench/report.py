@@ -814,7 +814,7 @@ def _peak_section(res: Results) -> list[str]:
     for doc in res.peaks:
         md += [f"{doc['preset']} preset, batch {doc['batch']} × T={doc['clips']}, {doc['precision']}; {doc['device']}, {doc['date']}:", ""]
         rows = []
-        for run, r in doc["runs"].items():
+        for run, r in [*doc["runs"].items(), *doc.get("long", {}).items()]:  # "long": other T, named in the run
             res_ = r["results"]
             ratio = res_["none"]["peak_bytes"] / res_["lowrank"]["peak_bytes"] if {"none", "lowrank"} <= set(res_) else None
             for scheme, v in sorted(res_.items(), key=lambda kv: _scheme_order(kv[0])):
