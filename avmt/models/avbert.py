@@ -110,7 +110,8 @@ class CNNRunner:
     ``train.clips_with_grad``; the defaults run every clip at once, with gradients, as a plain forward).
 
     - ``chunk > 0``: the clips go through the CNN ``chunk`` at a time. BatchNorm then normalises each chunk with
-      that chunk's own statistics (not those of all N clips) and updates its running statistics once per chunk.
+      that chunk's own statistics (not those of all N clips) and updates its running statistics once per chunk;
+      small chunks cost accuracy (docs/experiments.md, 2026-12-01).
     - ``checkpoint``: each chunk (or the whole set) keeps only its input and output; its activations are recomputed
       in backward (non-reentrant ``torch.utils.checkpoint``, RNG state preserved). The recompute does not touch the
       BatchNorm running statistics: they are restored to their value before it, so they move once per forward.
