@@ -265,6 +265,7 @@ class TrainConfig(_Section):
     cnn_chunk: int = _field(0, NON_NEGATIVE)
     cnn_checkpoint: bool = False
     clips_with_grad: int = _field(0, NON_NEGATIVE)
+    cnn_channels_last: bool = False  # CNN weights and inputs in channels-last layout (a GPU experiment: docs/training.md)
     run_dir: str = "runs/avmt"  # checkpoints, metrics.jsonl, TensorBoard events
     log_every: int = _field(10, POSITIVE)
     save_every: int = _field(500, POSITIVE)

@@ -179,7 +179,7 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
     loader = build_data(cfg, device, rank, world, progress)
 
     torch.manual_seed(tc.seed)
-    model = AVBert(cfg.model).set_memory_options(tc.activation_checkpointing, tc.cnn_chunk, tc.cnn_checkpoint, tc.clips_with_grad)
+    model = AVBert(cfg.model).set_memory_options(tc)
     pre = Pretraining(model, cfg.objective).to(device)
     net = DistributedDataParallel(pre, find_unused_parameters=True) if world > 1 else pre
     opt, bf16 = build_optimizer(pre.parameters(), tc), use_bf16(tc, device)

@@ -1,8 +1,10 @@
+import copy
 import itertools
 
 import pytest
 import torch
 
+from avmt.bench import random_clips
 from avmt.config import ConfigError, load_config
 from avmt.models import AVBert, LowRankLinear, TransformerLayer
 from avmt.models.avbert import CNNRunner, _choose_clips
@@ -192,7 +194,6 @@ def test_feature_batchnorm_spreads_the_clip_tokens():
 # -- per-clip CNNs in chunks, recomputed, or with gradients for some clips only ----------------------------------------
 def _tiny_step_state(runner: CNNRunner, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Losses of ``steps`` fp32 pretraining steps of `tiny`, then every gradient and every BatchNorm buffer."""
-    from avmt.bench import random_clips
     from avmt.objectives import Pretraining
     from avmt.optim import build_optimizer
 
@@ -267,6 +268,25 @@ def test_clips_with_grad_back_propagates_through_k_clips_per_sequence():
     model.cnn = CNNRunner()
     torch.manual_seed(3)
     torch.testing.assert_close(a, model.embed_visual(video, mask)[0], rtol=0, atol=0)
+
+
+def test_channels_last_cnns_compute_the_same_features_and_gradients():
+    """``train.cnn_channels_last`` only changes memory layout: features and CNN gradients match the default layout
+    to fp32 rounding (the convolution kernels differ, so not bit for bit)."""
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    plain = AVBert(cfg.model).train()
+    fast = copy.deepcopy(plain).set_memory_options(load_config("tiny", overrides=["train.cnn_channels_last=true"]).train)
+    assert next(fast.visual_cnn.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
+    d = cfg.data
+    video = torch.randn(2, d.num_clips, 3, d.frames, d.crop_size, d.crop_size)
+    audio = random_clips(d, 2, "cpu")[1]
+    for model in (plain, fast):
+        (model.embed_visual(video)[0].square().mean() + model.embed_audio(audio)[0].square().mean()).backward()
+    torch.testing.assert_close(fast.embed_visual(video)[0], plain.embed_visual(video)[0], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        if a.grad is not None and ("cnn" in name):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_cnn_options_are_checked():

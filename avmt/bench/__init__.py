@@ -44,7 +44,7 @@ def training_step(cfg: Config, batch: int, device: torch.device | str, seed: int
     torch.manual_seed(seed)
     tc = cfg.train
     with device:
-        model = AVBert(cfg.model).set_memory_options(tc.activation_checkpointing, tc.cnn_chunk, tc.cnn_checkpoint, tc.clips_with_grad)
+        model = AVBert(cfg.model).set_memory_options(tc)
         pre = Pretraining(model, cfg.objective)
     pre.train()
     opt = build_optimizer(pre.parameters(), tc)

@@ -13,6 +13,9 @@ every part (and while a part runs), so that a kill keeps what finished:
   token counts, against the reference by the 2x error rule; time vs eager and vs ``torch.compile`` (one compiled
   module per shape set, recompiles counted); device syncs per call;
 - ``step``: a paper-preset pretraining step per sharing scheme (bf16): seconds per step, allocator peak, syncs;
+- ``cnn_options``: the CNN memory options side by side on the paper preset's `lowrank` step (bf16): plain,
+  ``train.cnn_channels_last``, ``train.cnn_checkpoint`` in chunks of 4, both, and ``train.clips_with_grad=5``:
+  seconds per step (and the ratio to plain), allocator peak, and the whole-step peak estimator against it;
 - ``largest_batch``: the largest batch of 30 s sequences whose step fits, per scheme, within a bounded time;
 - ``dali``: the DALI tests (H.264 decode on the GPU) when DALI and PyAV are importable, else a skip with the reason;
 - ``gpu_tests``: the tests marked ``gpu`` that need nothing the machine lacks.
@@ -47,8 +50,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (avmt/bench/gpu.py)
 KIND = "avmt-gpu-check"
-PARTS: tuple[str, ...] = ("sampling", "lowrank", "step", "largest_batch", "dali", "gpu_tests")  # priority order
-CAPS_S = {"sampling": 60, "lowrank": 150, "step": 90, "largest_batch": 90, "dali": 60, "gpu_tests": 150}
+PARTS: tuple[str, ...] = ("sampling", "lowrank", "step", "cnn_options", "largest_batch", "dali", "gpu_tests")  # priority order
+CAPS_S = {"sampling": 60, "lowrank": 150, "step": 90, "cnn_options": 75, "largest_batch": 90, "dali": 60, "gpu_tests": 150}
 MIN_PART_S = 15  # a part is not started with less than this left of the budget
 BUILD_TIMEOUT_S = 600
 TAIL = 4000  # characters of a failed step's output kept in the JSON
@@ -496,6 +499,71 @@ def part_step(ctx: Part) -> dict[str, Any]:
     return {"status": "passed"}
 
 
+CNN_OPTIONS: dict[str, list[str]] = {  # name: train overrides, compared with "plain" on one step
+    "plain": [],
+    "channels_last": ["train.cnn_channels_last=true"],
+    "cnn_checkpoint_chunk4": ["train.cnn_checkpoint=true", "train.cnn_chunk=4"],
+    "cnn_checkpoint_chunk4_channels_last": ["train.cnn_checkpoint=true", "train.cnn_chunk=4", "train.cnn_channels_last=true"],
+    "clips_with_grad5": ["train.clips_with_grad=5"],
+}
+
+
+def part_cnn_options(ctx: Part) -> dict[str, Any]:
+    """Whether channels-last CNNs pay off under bf16, and what recompute and partial back-propagation cost in time
+    and save in memory on a real allocator (the issue-16 measurements the CPU cannot make)."""
+    import gc
+
+    import torch
+
+    from avmt.bench import training_step
+    from avmt.bench.peak import step_peak
+    from avmt.config import load_config
+
+    dev = ctx.device
+    preset, batch, steps = ("tiny", 2, 1) if ctx.dry_run else ("paper", 4, 3)
+    rows: dict[str, Any] = {}
+    for name, overrides in CNN_OPTIONS.items():
+        if ctx.left() < 10:
+            rows[name] = {"note": "not run: part deadline"}
+            continue
+        if ctx.dry_run and name == "clips_with_grad5":
+            overrides = ["train.clips_with_grad=2"]  # tiny has T=4
+        cfg = load_config(preset, overrides=["model.sharing=lowrank", *overrides])
+        ts = training_step(cfg, batch, dev)
+        first = float(ts.step())  # warm-up: cuDNN algorithm choice for this layout, allocator growth
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = timed(lambda ts=ts: ts.step(), dev, steps, warmup=0)
+        rows[name] = {
+            "overrides": overrides,
+            "seconds_per_step": seconds,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+            "first_loss": first,
+        }
+        del ts
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if ctx.left() > 25:
+            est = step_peak(cfg, batch, mode="real", device=dev, scope="model")
+            rows[name]["estimated_peak_bytes"] = est.peak_bytes
+            if est.allocator_peak_bytes:
+                rows[name]["estimate_over_allocator"] = est.peak_bytes / est.allocator_peak_bytes
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        ctx.record("cnn_options", rows)
+    plain = rows.get("plain", {}).get("seconds_per_step")
+    for r in rows.values():
+        if plain and r.get("seconds_per_step"):
+            r["time_over_plain"] = r["seconds_per_step"] / plain
+    ctx.record("cnn_options", rows)
+    bad = [n for n, r in rows.items() if "first_loss" in r and not math.isfinite(r["first_loss"])]
+    if bad:
+        return {"status": "failed", "reason": f"non-finite loss: {bad}"}
+    return {"status": "passed"}
+
+
 class _Deadline(Exception):
     pass
 
@@ -609,6 +677,7 @@ PART_FUNCS: dict[str, Callable[[Part], dict[str, Any]]] = {
     "sampling": part_sampling,
     "lowrank": part_lowrank,
     "step": part_step,
+    "cnn_options": part_cnn_options,
     "largest_batch": part_largest_batch,
     "dali": part_dali,
     "gpu_tests": part_gpu_tests,

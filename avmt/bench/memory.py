@@ -276,7 +276,7 @@ def measure_step(
         torch.manual_seed(seed)
         with device:
             tc = cfg.train
-            model = AVBert(cfg.model).set_memory_options(tc.activation_checkpointing, tc.cnn_chunk, tc.cnn_checkpoint, tc.clips_with_grad)
+            model = AVBert(cfg.model).set_memory_options(tc)
             pre = Pretraining(model, cfg.objective) if scope == "pretraining" else None
         module = pre if pre is not None else model
         module.train()

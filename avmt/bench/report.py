@@ -787,6 +787,27 @@ def _gpu_check_section(res: Results) -> list[str]:
                 ),
                 "",
             ]
+        options = {n: r for n, r in ((parts.get("cnn_options") or {}).get("cnn_options") or {}).items() if "seconds_per_step" in r}
+        if options:
+            md += ["CNN memory options, `lowrank` pretraining step (`train.*` overrides of the preset):", ""]
+            md += [
+                _table(
+                    ["option", "overrides", "s/step", "time / plain", "peak MiB", "estimated peak MiB", "estimate / allocator"],
+                    [
+                        [
+                            name,
+                            " ".join(f"`{o}`" for o in r["overrides"]) or "-",
+                            f"{r['seconds_per_step']:.3g}",
+                            f"{r['time_over_plain']:.2f}×" if r.get("time_over_plain") else "-",
+                            mib(r.get("peak_allocated_bytes")),
+                            mib(r.get("estimated_peak_bytes")),
+                            f"{r['estimate_over_allocator']:.2f}" if r.get("estimate_over_allocator") else "-",
+                        ]
+                        for name, r in options.items()
+                    ],
+                ),
+                "",
+            ]
         largest = (parts.get("largest_batch") or {}).get("largest_batch") or {}
         if largest:
             md += ["Largest batch that fits:", ""]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from avmt.config import ModelConfig
+from avmt.config import ModelConfig, TrainConfig
 from avmt.models.cnn import AudioResNet, VisualResNet
 from avmt.models.transformer import RotationCache, SequenceEmbedding, TransformerLayer
 
@@ -120,12 +120,15 @@ class CNNRunner:
       CNN calls, so BatchNorm normalises each group with its own statistics and updates its running statistics
       once per group; the MEP targets of the clips without gradients (their own tokens) are constants for the
       CNN. Sequences with fewer than K real clips run all of theirs with gradients.
+    - ``channels_last``: the clips enter the CNN in channels-last layout (``channels_last_3d`` for video), to match
+      weights converted by :meth:`AVBert.set_memory_options`; an experiment for bf16 convolutions on GPUs, measured by
+      the GPU check's ``cnn_options`` part (docs/training.md).
     """
 
-    def __init__(self, chunk: int = 0, checkpoint: bool = False, clips_with_grad: int = 0) -> None:
+    def __init__(self, chunk: int = 0, checkpoint: bool = False, clips_with_grad: int = 0, channels_last: bool = False) -> None:
         if chunk < 0 or clips_with_grad < 0:
             raise ValueError(f"chunk and clips_with_grad must be >= 0, got {chunk} and {clips_with_grad}")
-        self.chunk, self.checkpoint, self.clips_with_grad = chunk, checkpoint, clips_with_grad
+        self.chunk, self.checkpoint, self.clips_with_grad, self.channels_last = chunk, checkpoint, clips_with_grad, channels_last
 
     def __call__(self, cnn: nn.Module, clips: Tensor, mask: Tensor | None, generator: torch.Generator | None, b: int, t: int) -> Tensor:
         """``clips [N, ...]``: the real clips of a ``[b, t]`` batch in order (``mask [b, t]``, or None when every clip
@@ -148,6 +151,8 @@ class CNNRunner:
     def _run(self, cnn: nn.Module, clips: Tensor) -> Tensor:
         if clips.shape[0] == 0:  # e.g. every clip of the batch drew "with gradients"
             return clips.new_zeros(0, cnn.out_features)
+        if self.channels_last and clips.dim() in (4, 5):
+            clips = clips.contiguous(memory_format=torch.channels_last if clips.dim() == 4 else torch.channels_last_3d)
         parts = clips.split(self.chunk) if self.chunk else (clips,)
         recompute = self.checkpoint and torch.is_grad_enabled()
         return torch.cat([checkpoint(_ForwardOnceBN(cnn), part, use_reentrant=False) if recompute else cnn(part) for part in parts])
@@ -239,13 +244,16 @@ class AVBert(nn.Module):
             }
         )
 
-    def set_memory_options(
-        self, activation_checkpointing: bool = False, cnn_chunk: int = 0, cnn_checkpoint: bool = False, clips_with_grad: int = 0
-    ) -> AVBert:
-        """What trades compute for memory in training (the ``train`` config keys of the same names): recompute the
-        Transformer layers, and how the per-clip CNNs run (:class:`CNNRunner`). Returns ``self``."""
-        self.checkpoint_layers = activation_checkpointing
-        self.cnn = CNNRunner(cnn_chunk, cnn_checkpoint, clips_with_grad)
+    def set_memory_options(self, train: TrainConfig) -> AVBert:
+        """What trades compute for memory in training, from the ``train`` config: ``activation_checkpointing``
+        (recompute the Transformer layers), ``cnn_chunk`` / ``cnn_checkpoint`` / ``clips_with_grad`` (how the per-clip
+        CNNs run, :class:`CNNRunner`) and ``cnn_channels_last`` (the CNNs' weights and inputs in channels-last memory
+        layout). Returns ``self``."""
+        self.checkpoint_layers = train.activation_checkpointing
+        self.cnn = CNNRunner(train.cnn_chunk, train.cnn_checkpoint, train.clips_with_grad, train.cnn_channels_last)
+        if train.cnn_channels_last:
+            self.visual_cnn.to(memory_format=torch.channels_last_3d)
+            self.audio_cnn.to(memory_format=torch.channels_last)
         return self
 
     # -- parts, for parameter accounting -----------------------------------------------------------------
