@@ -137,6 +137,7 @@ def step_peak(
     (CNNs + Transformers + AdamW, :func:`_model_step`; runs in both modes) or ``pretraining`` (the whole
     objective, :func:`avmt.bench.training_step`; real mode only: masking and sampling index by data)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     from avmt.bench import training_step
 
     if mode not in ("fake", "real") or scope not in SCOPES:
