@@ -3,6 +3,7 @@
 python -m avmt.bench run [--full] [--out benchmarks/results/NAME.json] [-- PYTEST ARGS]   # suite + report
 python -m avmt.bench report [PATHS ...] [--out benchmarks/results/report.md] [--no-plots]
 python -m avmt.bench memory [--preset paper] [--scope transformer|model] [--batch 4] [section.key=value ...]
+python -m avmt.bench peak-sweep [--clips 15,30,60,120] [--fits 24,48,80,141] [--jobs 2] --out PATH
 python -m avmt.bench gpu [--budget-s 480] [--out PATH] [--parts a,b] [--dry-run]      # one-shot GPU check
 """
 
@@ -158,6 +159,70 @@ def _peak(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peak_sweep(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    import torch
+
+    from avmt.bench.gpu import write_json
+    from avmt.bench.sweep import VARIANT_NOTES, fits_table, run_sweep
+
+    def ints(text: str, what: str) -> list[float]:
+        try:
+            values = [float(x) for x in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or any(v <= 0 for v in values):
+            raise SystemExit(f"python -m avmt.bench peak-sweep: error: {what}={text!r}: expected positive numbers, comma-separated")
+        return values
+
+    args.overrides = ["model.kernel=reference", *args.overrides]
+    cfg, schemes = _config_and_schemes(args, "peak-sweep")
+    if cfg is None:
+        return 2
+    clips = [int(t) for t in ints(args.clips, "--clips")]
+    budgets = ints(args.fits, "--fits")
+    names, precisions = args.variants.split(","), args.precisions.split(",")
+    bad = [v for v in names if v not in VARIANT_NOTES] + [p for p in precisions if p not in ("fp32", "bf16")]
+    if bad:
+        print(f"python -m avmt.bench peak-sweep: unknown variant or precision {bad[0]!r}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    if doc and (doc.get("preset"), doc.get("batch")) != (cfg.preset, args.batch):
+        print(
+            f"python -m avmt.bench peak-sweep: {out} holds preset={doc.get('preset')} batch={doc.get('batch')}; use another --out",
+            file=sys.stderr,
+        )
+        return 2
+    doc.update(
+        bench="peak sweep",
+        what="python -m avmt.bench peak-sweep: avmt.bench.peak.step_peak per point (fake tensors, scope=model: CNNs + "
+        "Transformers + AdamW, steady-state second step); T at the preset's clip spacing",
+        command="python -m avmt.bench " + " ".join(args.argv),
+        device=f"cpu (fake tensors), {os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        torch=torch.__version__,
+        date=datetime.now(UTC).strftime("%Y-%m-%d"),
+        preset=cfg.preset,
+        batch=args.batch,
+        variants={v: VARIANT_NOTES[v] for v in names},
+    )
+
+    def save(d: dict) -> None:
+        d["fits"] = fits_table(d.get("results", {}), budgets)
+        write_json(out, d)
+
+    run_sweep(cfg, args.batch, clips, names, precisions, list(schemes), doc, save, jobs=args.jobs)
+    save(doc)
+    errors = [k for k, r in doc["results"].items() if "error" in r]
+    print(
+        f"wrote {out}: {len(doc['results'])} points, {len(errors)} failed"
+        + (f" ({errors[0]}: {doc['results'][errors[0]]['error']})" if errors else "")
+    )
+    return 1 if errors else 0
+
+
 def _gpu(args: argparse.Namespace) -> int:
     from avmt.bench.gpu import run_check
 
@@ -211,6 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_peak)
+
+    p = sub.add_parser("peak-sweep", help="whole-step peak over T x memory option x precision x scheme, and the longest T per budget")
+    add_config_arguments(p)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--clips", default="15,30,60,120", help="sequence lengths T, comma-separated")
+    p.add_argument("--variants", default="plain,cnn_checkpoint,clips_with_grad", help="memory options (avmt.bench.sweep.variants)")
+    p.add_argument("--precisions", default="bf16,fp32")
+    p.add_argument("--schemes", default="none,lowrank")
+    p.add_argument("--fits", default="24,48,80,141", help="memory budgets in GiB for the longest-T table")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (points run in parallel)")
+    p.add_argument("--out", required=True, help="JSON, rewritten after every point; points already in it are kept")
+    p.set_defaults(fn=_peak_sweep)
 
     p = sub.add_parser("gpu", help="the one-shot GPU check: every GPU path, JSON written after each part (avmt.bench.gpu)")
     from avmt.bench.gpu import add_arguments
