@@ -174,15 +174,18 @@ def _peak_sweep(args: argparse.Namespace) -> int:
         except ValueError:
             values = []
         if not values or any(v <= 0 for v in values):
-            raise SystemExit(f"python -m avmt.bench peak-sweep: error: {what}={text!r}: expected positive numbers, comma-separated")
+            raise ValueError(f"{what}={text!r}: expected positive numbers, comma-separated")
         return values
 
     args.overrides = ["model.kernel=reference", *args.overrides]
     cfg, schemes = _config_and_schemes(args, "peak-sweep")
     if cfg is None:
         return 2
-    clips = [int(t) for t in ints(args.clips, "--clips")]
-    budgets = ints(args.fits, "--fits")
+    try:
+        clips, budgets = [int(t) for t in ints(args.clips, "--clips")], ints(args.fits, "--fits")
+    except ValueError as e:
+        print(f"python -m avmt.bench peak-sweep: error: {e}", file=sys.stderr)
+        return 2
     names, precisions = args.variants.split(","), args.precisions.split(",")
     bad = [v for v in names if v not in VARIANT_NOTES] + [p for p in precisions if p not in ("fp32", "bf16")]
     if bad:

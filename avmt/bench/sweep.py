@@ -89,6 +89,7 @@ def largest_clips(points: Sequence[tuple[int, int]], budget_bytes: float, limit:
     """The largest T (up to ``limit``) whose fitted peak is at most ``budget_bytes``, and whether it lies beyond
     the measured T (an extrapolation)."""
     coeffs = fit_quadratic(points)
+    budget_bytes *= 1 + 1e-9  # a T whose fit lands on the budget exactly fits, despite lstsq's rounding
     if _peak_at(coeffs, 1) > budget_bytes:
         return {"largest_clips": 0, "extrapolated": False}
     if _peak_at(coeffs, limit) <= budget_bytes:
