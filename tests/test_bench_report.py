@@ -127,3 +127,22 @@ def test_report_renders_whole_step_peaks(tmp_path):
     md = render(load_results([tmp_path]), tmp_path, plots=False)
     assert "| plain | `lowrank` | 2,048.0 | 1,024.0 | 128.0 | 2.00× | model (peak_bw) |" in md
     assert "| plain | `none` | 4,096.0 | 3,072.0 | 512.0 |  | model.cnn (peak_bw) |" in md
+
+
+def test_report_renders_a_peak_sweep(tmp_path):
+    from avmt.bench.sweep import fits_table
+
+    gib = 1024**3
+    results = {
+        f"T={t} cnn_checkpoint bf16 {s}": {"clips": t, "variant": "cnn_checkpoint", "precision": "bf16", "scheme": s, "peak_bytes": p}
+        for t in (15, 30, 60, 120)
+        for s, p in (("none", 4 * gib + t * 2**20), ("lowrank", 2 * gib + t * 2**20))
+    }
+    doc = {"bench": "peak sweep", "preset": "paper", "batch": 4, "device": "cpu", "date": "2026-12-01", "results": results}
+    doc["variants"] = {"cnn_checkpoint": "train.cnn_checkpoint=true train.cnn_chunk=4"}
+    doc["fits"] = fits_table(results, [24])
+    (tmp_path / "sweep.json").write_text(json.dumps(doc))
+    md = render(load_results([tmp_path]), tmp_path, plots=False)
+    assert "| cnn_checkpoint | bf16 | `lowrank` | 2,063 | 2,078 | 2,108 | 2,168 |" in md.replace(".0 ", " ")
+    assert "| cnn_checkpoint | bf16 | none / lowrank | 1.99× |" in md
+    assert "| cnn_checkpoint | bf16 | `lowrank` | 22,528 (extrapolated) | 0.0% |" in md  # (24 GiB - 2 GiB) / 1 MiB per clip

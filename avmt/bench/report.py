@@ -60,6 +60,7 @@ class Results:
     sampling: list[dict[str, Any]] = field(default_factory=list)  # the sampling sweep's summary files
     gpu_checks: list[dict[str, Any]] = field(default_factory=list)  # python -m avmt.bench gpu
     peaks: list[dict[str, Any]] = field(default_factory=list)  # python -m avmt.bench peak, collected
+    sweeps: list[dict[str, Any]] = field(default_factory=list)  # python -m avmt.bench peak-sweep
     skipped: list[str] = field(default_factory=list)
 
 
@@ -105,6 +106,19 @@ def load_results(paths: Iterable[str | Path]) -> Results:
                     "torch": data.get("torch"),
                     "date": data.get("date"),
                     "command": "; ".join(r["command"] for r in data["runs"].values()),
+                    "mode": "full",
+                }
+            )
+        elif isinstance(data, dict) and data.get("bench") == "peak sweep":
+            res.sweeps.append({"path": str(f), **data})
+            res.sources.append(
+                {
+                    "path": str(f),
+                    "kind": "python -m avmt.bench peak-sweep",
+                    "device": data.get("device"),
+                    "torch": data.get("torch"),
+                    "date": data.get("date"),
+                    "command": data.get("command"),
                     "mode": "full",
                 }
             )
@@ -854,6 +868,48 @@ def _peak_section(res: Results) -> list[str]:
     return md
 
 
+def _sweep_section(res: Results) -> list[str]:
+    md = ["## Whole-step peak over sequence length (`python -m avmt.bench peak-sweep`)", ""]
+    if not res.sweeps:
+        return md + ["No sweep results.", ""]
+    for doc in res.sweeps:
+        results = {k: r for k, r in doc.get("results", {}).items() if "peak_bytes" in r}
+        clips = sorted({r["clips"] for r in results.values()})
+        md += [f"{doc['preset']} preset, batch {doc['batch']}, fake tensors; {doc['device']}, {doc['date']}. Options:", ""]
+        md += [f"- {name}: {note}" for name, note in doc.get("variants", {}).items()] + [""]
+        at = {(r["variant"], r["precision"], r["scheme"], r["clips"]): r["peak_bytes"] for r in results.values()}
+        rows = []
+        for variant, precision in sorted({k[:2] for k in at}):
+            for scheme in ("none", "lowrank"):
+                if any(k[:3] == (variant, precision, scheme) for k in at):
+                    rows.append([variant, precision, f"`{scheme}`", *[mib(at.get((variant, precision, scheme, t))) for t in clips]])
+            pairs = [(at.get((variant, precision, "none", t)), at.get((variant, precision, "lowrank", t))) for t in clips]
+            rows.append([variant, precision, "none / lowrank", *[f"{n / low:.2f}×" if n and low else "-" for n, low in pairs]])
+        md += ["Peak MiB by T (clips of 2 s at the preset's spacing):", ""]
+        md += [_table(["option", "precision", "scheme", *[f"T={t}" for t in clips]], rows), ""]
+        fits = doc.get("fits") or {}
+        if fits:
+            budgets = list(next(iter(fits.values()))["budgets"])
+            frows = []
+            for f in fits.values():
+                cells = []
+                for g in budgets:
+                    b = f["budgets"][g]
+                    t = b.get("largest_clips", b.get("largest_clips_at_least"))
+                    bound = "≥ " if "largest_clips_at_least" in b else ""
+                    cells.append(f"{bound}{t:,}" + (" (extrapolated)" if b["extrapolated"] else ""))
+                err = f.get("holdout_rel_error")
+                frows.append([f["variant"], f["precision"], f"`{f['scheme']}`", *cells, f"{100 * err:.1f}%" if err is not None else "-"])
+            md += [
+                "Longest T that fits, from a quadratic fit of the peak in T through the measured points; the last column is "
+                "the error of the fit through the shorter T when predicting the longest one:",
+                "",
+                _table(["option", "precision", "scheme", *[f"{g} GiB" for g in budgets], "hold-out error"], frows),
+                "",
+            ]
+    return md
+
+
 def render(res: Results, out_dir: str | Path, plots: bool = True) -> str:
     """The Markdown report; PNGs (when ``plots``) are written into ``out_dir``, next to where the Markdown goes."""
     out_dir = Path(out_dir)
@@ -867,6 +923,7 @@ def render(res: Results, out_dir: str | Path, plots: bool = True) -> str:
     md += [""]
     md += _gpu_check_section(res)
     md += _peak_section(res)
+    md += _sweep_section(res)
     md += _memory_section(res, out_dir, plots)
     md += _speed_section(res, out_dir, plots)
     md += _largest_batch_section(res)
