@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avmt.checkpoint import latest_checkpoint, load_checkpoint
+from avmt.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from avmt.config import Config, ConfigError, config_from_dict
 from avmt.models import AVBert
 from avmt.models.avbert import AVBertOutput
@@ -506,10 +506,13 @@ def main(argv: list[str] | None = None) -> int:
     # -- check every argument before any work --
     if not args.checkpoint.exists():
         parser.error(f"--checkpoint {args.checkpoint} does not exist")
-    try:
-        ckpt = args.checkpoint if (args.checkpoint / "state.pt").exists() else latest_checkpoint(args.checkpoint)
-    except FileNotFoundError as e:
-        parser.error(str(e))
+    if (args.checkpoint / "state.pt").exists():
+        ckpt = args.checkpoint
+    else:
+        found = find_checkpoint(args.checkpoint)
+        for path, why in found.skipped:
+            print(f"avmt.evaluate: skipped checkpoint {path}: {why}", file=sys.stderr)
+        ckpt = found.path
     if ckpt is None:
         parser.error(f"{args.checkpoint} holds no checkpoint (expected RUN/checkpoints/latest or a folder with state.pt)")
     if args.views < 1 or not 0 < args.test_fraction < 1:
@@ -577,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_random:
             torch.manual_seed(cfg.train.seed)  # the initialisation the run started from
             results["random_init"] = run(AVBert(cfg.model))
-    except (EvaluationError, LoaderError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (EvaluationError, LoaderError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"avmt.evaluate: error: {e}", file=sys.stderr)
         return 1
     if args.json:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from avmt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from avmt.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from avmt.config import Config, ConfigError, DataConfig, TrainConfig, add_config_arguments, config_from_args
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
@@ -127,7 +127,10 @@ def restore(
     ckpt: Path, cfg: Config, pre: Pretraining, opt: Any, sched: Any, gen: torch.Generator, rank: int, device: torch.device
 ) -> RunState:
     """Load ``ckpt`` into the model, optimizer, schedule and RNGs; returns where the run was."""
-    state = load_checkpoint(ckpt, pre, map_location=device)
+    try:
+        state = load_checkpoint(ckpt, pre, map_location=device)
+    except CheckpointError as e:  # damaged between the scan and the load
+        raise TrainingError(str(e)) from None
     if state["config"]["model"] != cfg.to_dict()["model"]:
         raise TrainingError(f"{ckpt} was trained with another model config; use a new train.run_dir or resume=false")
     opt.load_state_dict(state["optimizer"])
@@ -185,7 +188,12 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
     opt, bf16 = build_optimizer(pre.parameters(), tc), use_bf16(tc, device)
     sched = build_scheduler(opt, tc)
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)  # masks, swaps, negative-sampling seeds
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    found = find_checkpoint(run_dir) if resume else None
+    ckpt = found.path if found else None
+    for path, why in found.skipped if found and is_main else ():  # newer ones that did not verify: said, not used
+        print(f"avmt.train: skipped checkpoint {path}: {why}", file=sys.stderr)
+    if found and ckpt is None and found.skipped:
+        raise TrainingError(f"no checkpoint in {run_dir / 'checkpoints'} verifies (see above); pass --no-resume to start over")
     run = restore(ckpt, cfg, pre, opt, sched, gen, rank, device) if ckpt is not None else RunState()
     if ckpt is not None and is_main:
         print(f"resumed from {ckpt} at step {run.step}", file=sys.stderr)
@@ -199,7 +207,10 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
             return run_dir
         extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **dataclasses.asdict(run)}
         extra |= {"torch_rng": torch.get_rng_state(), "objective_rng": rngs, "config": cfg.to_dict()}
-        return save_checkpoint(run_dir, run.step, pre, extra)
+        try:
+            return save_checkpoint(run_dir, run.step, pre, extra)
+        except CheckpointError as e:
+            raise TrainingError(f"{e}; the previous checkpoints are intact") from None
 
     log = _Log(run_dir, cfg, run.step, progress) if is_main else None
     pre.train()
