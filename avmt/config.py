@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -85,9 +86,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise _fail(key, value, "a number")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise _fail(key, value, "a number") from None
+        if not math.isfinite(number):  # no setting means anything at inf or nan (train.lr=inf used to be taken)
+            raise _fail(key, value, "a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise _fail(key, value, "a string")
@@ -270,6 +274,8 @@ class TrainConfig(_Section):
     log_every: int = _field(10, POSITIVE)
     save_every: int = _field(500, POSITIVE)
     max_nonfinite: int = _field(20, POSITIVE)  # consecutive non-finite losses before the run stops
+    deterministic: bool = False  # torch.use_deterministic_algorithms for the run (CUDA; the CPU path already is)
+    dist_timeout_s: float = _field(1800.0, POSITIVE)  # a collective waiting longer fails the job (a hung rank)
     seed: int = 0
 
 

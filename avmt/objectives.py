@@ -46,6 +46,13 @@ class MEPHead(nn.Module):
         return self.bilinear(self.g(o))
 
 
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` for an integer ``index`` of any shape, whose backward is deterministic on the CPU with several
+    threads: the backward of ``x[index]`` accumulates repeated rows (the same negative drawn twice) in a
+    thread-dependent order, ``index_select``'s does not. (On CUDA both use atomics: ``train.deterministic``.)"""
+    return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
+
+
 def gather_pool(x: Tensor) -> tuple[Tensor, int]:
     """Concatenate ``x [n, ...]`` over all ranks (ranks may differ in n) -> (pool, offset of this rank's rows).
 
@@ -143,7 +150,7 @@ class Pretraining(nn.Module):
                 own_pos = torch.searchsorted(real, own)
                 other = real[pick + (pick >= own_pos).long()]
                 flat = out.view(b * t, -1)
-                flat[own.to(tokens.device)] = tokens.reshape(b * t, -1)[other.to(tokens.device)]
+                flat[own.to(tokens.device)] = tokens.reshape(b * t, -1).index_select(0, other.to(tokens.device))  # see _rows
         return out, masked.to(tokens.device)
 
     # -- MEP -----------------------------------------------------------------------------------------------------
@@ -157,7 +164,9 @@ class Pretraining(nn.Module):
         """
         b, t = valid.shape
         local_tokens = tokens[valid]  # [n_local, D], the real clips in (b, t) order
-        local_feats = sample_feats[valid].detach()
+        # non-finite features would make the sampler refuse the batch inside the forward; the loss still turns
+        # non-finite through the tokens, so the trainer counts and skips the step as it does for any other
+        local_feats = torch.nan_to_num(sample_feats[valid].detach(), nan=0.0, posinf=0.0, neginf=0.0)
         seq = torch.arange(b, device=tokens.device)[:, None].expand(b, t)[valid]
         pool_tokens, offset = gather_pool(local_tokens)
         pool_feats, _ = gather_pool(local_feats)
@@ -181,8 +190,8 @@ class Pretraining(nn.Module):
     def _infonce(head: MEPHead, outputs: Tensor, pool_tokens: Tensor, anchor_rows: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
         """InfoNCE over the positive (column 0) and the negatives; -1 negatives are masked. -> (loss, accuracy)."""
         q = head.query(outputs)
-        pos = (q * pool_tokens[anchor_rows]).sum(-1, keepdim=True)
-        negs = torch.einsum("nd,nkd->nk", q, pool_tokens[neg.clamp_min(0)]).masked_fill(neg < 0, float("-inf"))
+        pos = (q * _rows(pool_tokens, anchor_rows)).sum(-1, keepdim=True)
+        negs = torch.einsum("nd,nkd->nk", q, _rows(pool_tokens, neg.clamp_min(0))).masked_fill(neg < 0, float("-inf"))
         logits = torch.cat([pos, negs], dim=1).float()
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, target)

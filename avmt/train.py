@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,10 @@ def synthetic_manifest(data: DataConfig, count: int = 120, progress: bool = True
     return manifest
 
 
-def _setup_distributed() -> tuple[int, int, torch.device]:
+def _setup_distributed(tc: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1 and not dist.is_initialized():  # a rank that hangs fails the others after train.dist_timeout_s
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=tc.dist_timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -118,21 +119,57 @@ def build_data(cfg: Config, device: torch.device, rank: int, world: int, progres
         )
     except LoaderError as e:
         raise TrainingError(str(e)) from None
-    if len(loader) == 0:
-        raise TrainingError(f"{manifest} holds fewer videos than one batch of {tc.batch_size} per process ({world} process(es))")
+    if len(loader) < tc.grad_accum:  # an epoch would end before the first optimizer step, forever
+        raise TrainingError(
+            f"{manifest} gives {len(loader)} batch(es) of {tc.batch_size} per process and epoch ({world} process(es)), fewer than "
+            f"train.grad_accum={tc.grad_accum}: no optimizer step could ever be made; lower train.batch_size or train.grad_accum"
+        )
     return loader
 
 
+# settings a resumed run may change: they alter neither the computation nor the data order
+RESUMABLE_CHANGES = frozenset({"train.max_steps", "train.log_every", "train.save_every", "train.max_nonfinite", "train.dist_timeout_s"})
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """``section.key: old -> new`` for every setting of ``cfg`` that differs from the checkpoint's config."""
+    now = cfg.to_dict()
+    return [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+        for section in ("model", "data", "objective", "train")
+        for key, value in now[section].items()
+        if saved.get(section, {}).get(key) != value
+    ]
+
+
 def restore(
-    ckpt: Path, cfg: Config, pre: Pretraining, opt: Any, sched: Any, gen: torch.Generator, rank: int, device: torch.device
+    ckpt: Path,
+    cfg: Config,
+    pre: Pretraining,
+    opt: Any,
+    sched: Any,
+    gen: torch.Generator,
+    rank: int,
+    device: torch.device,
+    allow_config_change: bool = False,
 ) -> RunState:
-    """Load ``ckpt`` into the model, optimizer, schedule and RNGs; returns where the run was."""
+    """Load ``ckpt`` into the model, optimizer, schedule and RNGs; returns where the run was. A config that differs
+    from the checkpoint's beyond :data:`RESUMABLE_CHANGES` is refused, unless ``allow_config_change`` (then each
+    change is printed); a different model config is always refused."""
     try:
         state = load_checkpoint(ckpt, pre, map_location=device)
     except CheckpointError as e:  # damaged between the scan and the load
         raise TrainingError(str(e)) from None
     if state["config"]["model"] != cfg.to_dict()["model"]:
         raise TrainingError(f"{ckpt} was trained with another model config; use a new train.run_dir or resume=false")
+    changes = [c for c in config_changes(state["config"], cfg) if c.split(":")[0] not in RESUMABLE_CHANGES]
+    if changes and not allow_config_change:
+        raise TrainingError(
+            f"{ckpt} was trained with other settings ({'; '.join(changes)}); resuming would silently mix them. Use a new "
+            "train.run_dir, or pass --allow-config-change to resume with the new ones"
+        )
+    for change in changes if rank == 0 else ():
+        print(f"avmt.train: resuming with a changed setting, {change}", file=sys.stderr)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -171,13 +208,18 @@ def accumulate(
     return "ok", used, metrics, wait
 
 
-def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config, resume: bool = True, progress: bool = True, stop_at: int | None = None, allow_config_change: bool = False
+) -> dict[str, Any]:
     """Run (or continue) the pretraining described by ``cfg``; returns the summary dict (rank 0's view).
 
     ``stop_at``: save and return after that step, as if the job were interrupted (the schedule still spans
-    ``train.max_steps``; a later call resumes from there).
+    ``train.max_steps``; a later call resumes from there). ``allow_config_change``: see :func:`restore`.
     """
-    rank, world, device = _setup_distributed()
+    rank, world, device = _setup_distributed(cfg.train)
+    if cfg.train.deterministic:  # explicit and process-wide: deterministic kernels (or an error naming the op)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     tc, run_dir, is_main = cfg.train, Path(cfg.train.run_dir), rank == 0
     loader = build_data(cfg, device, rank, world, progress)
 
@@ -194,7 +236,7 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
         print(f"avmt.train: skipped checkpoint {path}: {why}", file=sys.stderr)
     if found and ckpt is None and found.skipped:
         raise TrainingError(f"no checkpoint in {run_dir / 'checkpoints'} verifies (see above); pass --no-resume to start over")
-    run = restore(ckpt, cfg, pre, opt, sched, gen, rank, device) if ckpt is not None else RunState()
+    run = restore(ckpt, cfg, pre, opt, sched, gen, rank, device, allow_config_change) if ckpt is not None else RunState()
     if ckpt is not None and is_main:
         print(f"resumed from {ckpt} at step {run.step}", file=sys.stderr)
 
@@ -261,6 +303,24 @@ def train(cfg: Config, resume: bool = True, progress: bool = True, stop_at: int 
     return summary
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps 1..``step`` (the resumed one), once each, so that steps replayed after a resume are
+    not logged twice; a line torn by a kill or a full disk is dropped rather than glued to the next record."""
+    if not path.exists():
+        return
+    kept: dict[int, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept[rec["step"]] = line
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept[s] + "\n" for s in sorted(kept)))
+    os.replace(tmp, path)
+
+
 class _Log:
     """Rank 0's record of a run: ``metrics.jsonl`` (every step), TensorBoard and the progress bar (every
     ``train.log_every`` steps), and the summary's means over the last ``SUMMARY_STEPS`` steps."""
@@ -271,7 +331,9 @@ class _Log:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.file = open(run_dir / "metrics.jsonl", "a")
+        metrics = run_dir / "metrics.jsonl"
+        _truncate_metrics(metrics, step)
+        self.file = open(metrics, "a")
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         self.bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="pretrain")
         self.history: list[dict[str, Any]] = []
@@ -313,13 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if train.run_dir has a checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="save and exit after STEP (resume later)")
+    parser.add_argument(
+        "--allow-config-change", action="store_true", help="resume although train.*/data.*/objective.* settings changed (each is printed)"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args, default_preset="tiny")
     except ConfigError as e:
         parser.error(str(e))
     try:
-        summary = train(cfg, resume=not args.no_resume, progress=not args.quiet, stop_at=args.stop_at)
+        summary = train(
+            cfg, resume=not args.no_resume, progress=not args.quiet, stop_at=args.stop_at, allow_config_change=args.allow_config_change
+        )
     except TrainingError as e:
         print(f"avmt.train: error: {e}", file=sys.stderr)
         return 1

@@ -61,16 +61,64 @@ def test_a_short_run_learns_logs_and_saves(manifest, tmp_path):
     assert state["step"] == 40 and state["config"]["model"]["dim"] == 64
 
 
+def _cli(manifest, run_dir, *args, env=None):
+    """``python -m avmt.train`` in a subprocess with the default thread count (OMP_NUM_THREADS unset)."""
+    cmd = [sys.executable, "-m", "avmt.train", "--quiet", f"data.manifest={manifest}", f"train.run_dir={run_dir}"]
+    cmd += ["train.batch_size=4", "train.warmup_steps=2", "train.log_every=2", *args]
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | (env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=environ)
+
+
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(manifest, tmp_path):
-    full, split = tmp_path / "full", tmp_path / "split"
+    """Bit for bit through the CLI with the default threads and loader workers: an uninterrupted run, a repeat of
+    it, and one stopped at step 4 and resumed, whose log also held replayed steps and a torn line."""
+    full, again, split = tmp_path / "full", tmp_path / "again", tmp_path / "split"
     steps = ["train.max_steps=8", "train.save_every=100"]
-    train(cfg_for(manifest, full, *steps), progress=False)
-    train(cfg_for(manifest, split, *steps), progress=False, stop_at=4)
+    for run in (full, again):
+        assert (proc := _cli(manifest, run, *steps)).returncode == 0, proc.stderr[-2000:]
+    assert (proc := _cli(manifest, split, *steps, "--stop-at", "4")).returncode == 0, proc.stderr[-2000:]
     assert latest_checkpoint(split).name == "step_000004"
-    train(cfg_for(manifest, split, *steps), progress=False)  # resumes automatically
-    assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(full)]
-    a, b = (load_file(latest_checkpoint(d) / "model.safetensors") for d in (full, split))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with open(split / "metrics.jsonl", "a") as f:  # steps 5-6 logged, then a kill before they were saved
+        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n" + json.dumps({"step": 6, "loss": 0.0}) + "\n" + '{"step": 7, "lo')
+    assert (proc := _cli(manifest, split, *steps)).returncode == 0, proc.stderr[-2000:]  # resumes automatically
+    assert "resumed from" in proc.stderr
+    assert [r["step"] for r in records(split)] == list(range(1, 9))  # one record per step
+    assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(full)] == [r["loss"] for r in records(again)]
+    a, b, c = (load_file(latest_checkpoint(d) / "model.safetensors") for d in (full, split, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings_unless_asked(manifest, tmp_path):
+    train(cfg_for(manifest, tmp_path, "train.max_steps=2"), progress=False)
+    with pytest.raises(TrainingError, match=r"other settings \(train.lr: 0.001 -> 0.0005\).*--allow-config-change"):
+        train(cfg_for(manifest, tmp_path, "train.max_steps=3", "train.lr=5e-4"), progress=False)
+    assert train(cfg_for(manifest, tmp_path, "train.max_steps=3"), progress=False)["steps"] == 3  # a longer run is fine
+    summary = train(cfg_for(manifest, tmp_path, "train.max_steps=4", "train.lr=5e-4"), progress=False, allow_config_change=True)
+    assert summary["steps"] == 4
+
+
+def test_zero_step_configs_are_refused_before_any_work(manifest, tmp_path):
+    with pytest.raises(TrainingError, match="fewer than train.grad_accum=50: no optimizer step could ever be made"):
+        train(cfg_for(manifest, tmp_path, "train.grad_accum=50"), progress=False)
+    proc = subprocess.run([sys.executable, "-m", "avmt.train", "train.lr=inf"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "train.lr='inf' is invalid: expected a finite number" in proc.stderr
+
+
+def test_nonfinite_clip_features_are_a_skipped_step_not_a_crash(manifest, tmp_path, monkeypatch):
+    """NaN in the CNN features used to make the negative sampler raise inside the forward."""
+    real = AVBert.embed_visual
+    calls = {"n": 0}
+
+    def nan_once(self, *args, **kwargs):
+        feats, tokens = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            feats, tokens = feats * float("nan"), tokens * float("nan")
+        return feats, tokens
+
+    monkeypatch.setattr(AVBert, "embed_visual", nan_once)
+    summary = train(cfg_for(manifest, tmp_path, "train.max_steps=3"), progress=False)
+    assert summary["steps"] == 3 and summary["nonfinite_skipped"] == 1
 
 
 def test_a_crash_inside_a_checkpoint_write_keeps_the_previous_one(manifest, tmp_path, monkeypatch):
