@@ -107,3 +107,79 @@ def test_extracted_audio_is_aligned_with_the_source(mixed_root, tmp_path):
     assert abs(lag) <= 16  # <= 1 ms at 16 kHz
     corr = np.corrcoef(source[a:b], got[a + lag : b + lag])[0, 1]
     assert corr > 0.9
+
+
+def test_special_files_are_rejected_without_being_opened(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "root" / "a").mkdir(parents=True)
+    os.mkfifo(tmp_path / "root" / "a" / "pipe.mp4")  # opening it for read would block until a writer comes
+    cmd = [sys.executable, "-m", "avmt.data.prepare", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert rec["reason"] == "not_regular_file" and "a FIFO" in rec["detail"]
+
+
+def test_pool_workers_die_with_their_parent(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = (
+        "import time, os\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from avmt.data.prepare import _die_with_parent\n"
+        "pool = ProcessPoolExecutor(1, initializer=_die_with_parent)\n"
+        "print(pool.submit(os.getpid).result(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{worker}/stat") as f:  # a zombie waiting for its reaper is dead too
+            if f.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"worker {worker} outlived its killed parent by 10 s")
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('["a list"]', "line 2: expected a JSON object, got list"),
+        ('{"path": "v.mp4"}', "line 2: field 'audio' is missing"),
+        ("GOOD|fps=0", "line 2: fields duration=.*fps=0.*expected numbers > 0"),
+        ("GOOD|duration=nan", "line 2: field 'duration'=nan: expected a number > 0"),
+        ("GOOD|end=-1", "line 2: fields .*end=-1.*0 <= start < end"),
+        ("GOOD", "line 2: .*v.mp4 is listed again .first on line 1"),
+    ],
+)
+def test_manifest_records_are_checked_once_with_the_line_and_field(tmp_path, line, message):
+    good = {"path": "v.mp4", "audio": "a.flac", "label": "x", "label_index": 0, "start": 0.0, "end": 4.0}
+    good |= {"duration": 4.0, "fps": 25.0, "sample_rate": 16000}
+    if line.startswith("GOOD"):
+        rec = dict(good)
+        for kv in line.split("|")[1:]:
+            k, v = kv.split("=")
+            rec[k] = float(v)
+        line = json.dumps(rec)
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(good) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(good) + "\n")
+    (rec,) = load_manifest(tmp_path / "manifest.jsonl")
+    assert rec["path"] == str(tmp_path.resolve() / "v.mp4")  # relative paths: relative to the manifest

@@ -22,18 +22,39 @@ are unchanged (and whose FLAC exists) and only processes the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
+import math
 import os
+import signal
+import stat
 import sys
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from avmt.data.media import MediaError, probe_and_extract, write_flac
 
-REASONS = ("empty", "unreadable", "not_a_video", "truncated", "no_audio", "undecodable", "too_short", "no_label", "bad_span", "error")
+REASONS = (
+    "empty",
+    "unreadable",
+    "not_a_video",
+    "truncated",
+    "no_audio",
+    "undecodable",
+    "too_short",
+    "no_label",
+    "bad_span",
+    "not_regular_file",
+    "timeout",
+    "error",
+)
 
 
 @dataclass
@@ -101,9 +122,56 @@ def _stat(path: str) -> tuple[int, int] | None:
         return None
 
 
-def _process(args: tuple[Item, str, int, float]) -> dict:
+def _not_regular(path: str) -> str | None:
+    """Why ``path`` is not a regular file (a FIFO, a device, a socket, a folder: opening one can block forever), from
+    ``stat`` alone; None for a regular file or one that cannot be stat'ed (the probe reports that)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+    return f"{kind}, not a regular file (not opened)"
+
+
+class _ProbeTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`_ProbeTimeout` if the block runs longer than ``seconds`` (SIGALRM: main thread of a process)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _ProbeTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _die_with_parent() -> None:
+    """Pool worker initializer: the kernel kills this worker when the parent dies (a killed prepare used to leave
+    its workers running for about a minute)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _process(args: tuple[Item, str, int, float, float]) -> dict:
     """Probe one file and write its FLAC; returns a kept record (``reason`` None) or a rejected one."""
-    item, out, sample_rate, min_seconds = args
+    item, out, sample_rate, min_seconds, timeout_s = args
     st = _stat(item.path)
     base = {
         "path": item.path,
@@ -114,8 +182,12 @@ def _process(args: tuple[Item, str, int, float]) -> dict:
     }
     if item.label is None:
         return base | {"reason": "no_label", "detail": "file is not inside a class folder and has no CSV label"}
+    why = _not_regular(item.path)
+    if why is not None:
+        return base | {"reason": "not_regular_file", "detail": why}
     try:
-        meta, audio = probe_and_extract(item.path, sample_rate, min_seconds)
+        with _time_limit(timeout_s):
+            meta, audio = probe_and_extract(item.path, sample_rate, min_seconds)
         start = item.start or 0.0
         end = min(item.end, meta["duration"]) if item.end is not None else meta["duration"]
         if not 0 <= start < end or end - start < min_seconds:
@@ -130,6 +202,8 @@ def _process(args: tuple[Item, str, int, float]) -> dict:
         write_flac(tmp, audio, sample_rate)
         os.replace(tmp, flac)
         return base | {"reason": None, "id": key, "audio": str(flac), "start": start, "end": end, **meta}
+    except _ProbeTimeout:
+        return base | {"reason": "timeout", "detail": f"probing and decoding took longer than {timeout_s:g} s (--probe-timeout)"}
     except MediaError as e:
         return base | {"reason": e.reason, "detail": e.detail}
     except Exception as e:
@@ -149,12 +223,21 @@ def _load(path: Path) -> list[dict]:
 
 
 def prepare(
-    items: list[Item], out: str | Path, sample_rate: int = 44100, min_seconds: float = 2.0, workers: int = 1, progress: bool = True
+    items: list[Item],
+    out: str | Path,
+    sample_rate: int = 44100,
+    min_seconds: float = 2.0,
+    workers: int = 1,
+    progress: bool = True,
+    timeout_s: float = 300.0,
 ) -> Summary:
-    """Process ``items`` into ``out`` (see the module docstring); returns the counts of this run."""
+    """Process ``items`` into ``out`` (see the module docstring); returns the counts of this run. ``timeout_s``
+    bounds each file's probe and audio extraction (0: no bound). Paths are recorded absolute, so the manifest works
+    from any folder."""
     from tqdm import tqdm
 
-    out = Path(out)
+    out = Path(out).resolve()
+    items = [dataclasses.replace(it, path=os.path.abspath(it.path)) for it in items]
     (out / "audio").mkdir(parents=True, exist_ok=True)
     man_path, rej_path = out / "manifest.jsonl", out / "rejected.jsonl"
     previous: dict[str, dict] = {}
@@ -183,7 +266,7 @@ def prepare(
         else:
             todo.append(it)
     summary.skipped = len(done)
-    jobs = [(it, str(out), sample_rate, min_seconds) for it in todo]
+    jobs = [(it, str(out), sample_rate, min_seconds, timeout_s) for it in todo]
     bar = tqdm(total=len(items), initial=len(done), desc="prepare", unit="file", disable=not progress)
     with open(man_path, "a") as fm, open(rej_path, "a") as fr:
 
@@ -195,7 +278,7 @@ def prepare(
             bar.update()
 
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
                 for rec in pool.map(_process, jobs, chunksize=1):
                     record(rec)
         else:
@@ -220,13 +303,65 @@ def prepare(
     return summary
 
 
+# the fields a kept record must have, and what each must be (checked once, when a manifest is loaded)
+_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "path": (str, "a path"),
+    "audio": (str, "a path"),
+    "label": (str, "a class name"),
+    "label_index": (int, "an integer >= 0"),
+    "start": ((int, float), "a number >= 0"),
+    "end": ((int, float), "a number > start"),
+    "duration": ((int, float), "a number > 0"),
+    "fps": ((int, float), "a number > 0"),
+    "sample_rate": (int, "an integer > 0"),
+}
+
+
+def _check_record(rec: Any) -> str | None:
+    """Why a manifest record is unusable (the field named), or None."""
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {type(rec).__name__}"
+    for name, (tp, what) in _FIELDS.items():
+        v = rec.get(name)
+        if v is None:
+            return f"field {name!r} is missing"
+        if isinstance(v, bool) or not isinstance(v, tp) or (isinstance(v, float) and not math.isfinite(v)):
+            return f"field {name!r}={v!r}: expected {what}"
+    if rec["label_index"] < 0 or rec["start"] < 0 or rec["end"] <= rec["start"]:
+        return (
+            f"fields label_index={rec['label_index']!r}, start={rec['start']!r}, end={rec['end']!r}: expected index >= 0, 0 <= start < end"
+        )
+    if rec["duration"] <= 0 or rec["fps"] <= 0 or rec["sample_rate"] <= 0:
+        return f"fields duration={rec['duration']!r}, fps={rec['fps']!r}, sample_rate={rec['sample_rate']!r}: expected numbers > 0"
+    return None
+
+
 def load_manifest(path: str | Path) -> list[dict]:
-    """The kept records of a ``manifest.jsonl`` (or of the folder holding it)."""
+    """The kept records of a ``manifest.jsonl`` (or of the folder holding it), each checked against the record
+    schema once, here: a malformed line raises ``ValueError`` naming the line number and the field. Relative paths
+    in a record are taken relative to the manifest's folder."""
     p = Path(path)
     p = p / "manifest.jsonl" if p.is_dir() else p
     if not p.exists():
         raise FileNotFoundError(f"manifest {p} does not exist: run python -m avmt.data.prepare first")
-    recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    recs, seen = [], {}
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"manifest {p}, line {n}: not valid JSON ({e.msg}); run python -m avmt.data.prepare again") from None
+        why = _check_record(rec)
+        if why is not None:
+            raise ValueError(f"manifest {p}, line {n}: {why}")
+        for key in ("path", "audio"):
+            if not os.path.isabs(rec[key]):
+                rec[key] = str(p.parent.resolve() / rec[key])
+        if rec["path"] in seen:
+            raise ValueError(f"manifest {p}, line {n}: {rec['path']} is listed again (first on line {seen[rec['path']]})")
+        seen[rec["path"]] = n
+        recs.append(rec)
     if not recs:
         raise ValueError(f"manifest {p} holds no usable video")
     return recs
@@ -241,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-rate", type=int, default=44100)
     p.add_argument("--min-seconds", type=float, default=2.0, help="shorter files are rejected (default: one paper clip)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--probe-timeout", type=float, default=300.0, help="seconds per file before it is rejected as 'timeout' (0: none)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     try:
@@ -248,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, progress=not a.quiet)
+    s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, progress=not a.quiet, timeout_s=a.probe_timeout)
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.reasons.items())) or "none"
     print(
         f"{s.total} files: {s.kept} kept, {s.rejected} rejected ({reasons}); processed {s.processed}, "
