@@ -64,6 +64,19 @@ class Results:
     skipped: list[str] = field(default_factory=list)
 
 
+def _cpu_source(f: Path, kind: str, data: dict[str, Any], command: str | None) -> dict[str, Any]:
+    """The source line of a result file that records its own device, torch and date at the top level."""
+    return {
+        "path": str(f),
+        "kind": kind,
+        "device": data.get("device"),
+        "torch": data.get("torch"),
+        "date": data.get("date"),
+        "command": command,
+        "mode": "full",
+    }
+
+
 def load_results(paths: Iterable[str | Path]) -> Results:
     """Read result files (JSON files or folders of them) into :class:`Results`."""
     res = Results()
@@ -98,30 +111,10 @@ def load_results(paths: Iterable[str | Path]) -> Results:
             )
         elif isinstance(data, dict) and data.get("bench") == "whole-step peak":
             res.peaks.append({"path": str(f), **data})
-            res.sources.append(
-                {
-                    "path": str(f),
-                    "kind": "python -m avmt.bench peak",
-                    "device": data.get("device"),
-                    "torch": data.get("torch"),
-                    "date": data.get("date"),
-                    "command": "; ".join(r["command"] for r in data["runs"].values()),
-                    "mode": "full",
-                }
-            )
+            res.sources.append(_cpu_source(f, "python -m avmt.bench peak", data, "; ".join(r["command"] for r in data["runs"].values())))
         elif isinstance(data, dict) and data.get("bench") == "peak sweep":
             res.sweeps.append({"path": str(f), **data})
-            res.sources.append(
-                {
-                    "path": str(f),
-                    "kind": "python -m avmt.bench peak-sweep",
-                    "device": data.get("device"),
-                    "torch": data.get("torch"),
-                    "date": data.get("date"),
-                    "command": data.get("command"),
-                    "mode": "full",
-                }
-            )
+            res.sources.append(_cpu_source(f, "python -m avmt.bench peak-sweep", data, data.get("command")))
         elif isinstance(data, dict) and data.get("kind") == "avmt-gpu-check":
             res.gpu_checks.append({"path": str(f), **data})
             res.sources.append(
