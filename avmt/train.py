@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from avmt.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from avmt.config import Config, ConfigError, DataConfig, TrainConfig, add_config_arguments, config_from_args
+from avmt.data.loader import LoaderError
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
 from avmt.optim import build_optimizer, build_scheduler, use_bf16
@@ -82,6 +83,17 @@ def _setup_distributed(tc: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def _check_writable(run_dir: Path) -> None:
+    """Fail before any work if ``train.run_dir`` cannot hold checkpoints and logs."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"train.run_dir={str(run_dir)!r} is not writable: {e.strerror or e}") from None
+
+
 @dataclass
 class RunState:
     """Where a run is: what a checkpoint stores besides the weights, optimizer and RNG states."""
@@ -95,7 +107,7 @@ class RunState:
 def build_data(cfg: Config, device: torch.device, rank: int, world: int, progress: bool) -> Any:
     """This process's training loader (``data.loader``); fails before any work if the data or the loader cannot be
     had. Without ``data.manifest``, the synthetic dataset that fits ``cfg.data`` (rank 0 generates it once)."""
-    from avmt.data.loader import LoaderError, build_loader, select_loader
+    from avmt.data.loader import build_loader, select_loader
 
     tc = cfg.train
     try:
@@ -119,6 +131,8 @@ def build_data(cfg: Config, device: torch.device, rank: int, world: int, progres
         )
     except LoaderError as e:
         raise TrainingError(str(e)) from None
+    if len(loader) == 0:
+        raise TrainingError(f"{manifest} holds fewer videos than one batch of {tc.batch_size} per process ({world} process(es))")
     if len(loader) < tc.grad_accum:  # an epoch would end before the first optimizer step, forever
         raise TrainingError(
             f"{manifest} gives {len(loader)} batch(es) of {tc.batch_size} per process and epoch ({world} process(es)), fewer than "
@@ -217,6 +231,8 @@ def train(
     ``train.max_steps``; a later call resumes from there). ``allow_config_change``: see :func:`restore`.
     """
     rank, world, device = _setup_distributed(cfg.train)
+    if rank == 0:
+        _check_writable(Path(cfg.train.run_dir))
     if cfg.train.deterministic:  # explicit and process-wide: deterministic kernels (or an error naming the op)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -262,7 +278,12 @@ def train(
         loader.set_epoch(run.epoch)
         batches = loader.iterate(run.batch_in_epoch)
         while run.step < end:
-            outcome, used, metrics, wait = accumulate(net, batches, tc, device, bf16, gen)
+            try:
+                outcome, used, metrics, wait = accumulate(net, batches, tc, device, bf16, gen)
+            except LoaderError as e:  # the data gave out mid-run: keep what was trained, then say why
+                opt.zero_grad(set_to_none=True)
+                save()
+                raise TrainingError(f"{e} (at step {run.step}; the checkpoint of that step is saved)") from None
             run.batch_in_epoch += used
             t_data += wait
             if outcome != "ok":
@@ -290,7 +311,8 @@ def train(
             t_total, tick = t_total + now - tick, now
             if log is not None:
                 record = {"step": run.step, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **metrics}
-                log.step(record | {"nonfinite_skipped": run.nonfinite_total, "epoch": run.epoch}, tc, world, t_data, t_total)
+                record |= {"nonfinite_skipped": run.nonfinite_total, "data_failures": loader.failures, "epoch": run.epoch}
+                log.step(record, tc, world, t_data, t_total)
             if run.step % tc.save_every == 0:
                 save()
     path = save()
@@ -298,6 +320,7 @@ def train(
         dist.barrier()
     loader.close()  # DALI: free its prefetching threads now, not at garbage collection (DALILoader.close)
     summary: dict[str, Any] = {"steps": run.step, "checkpoint": str(path), "nonfinite_skipped": run.nonfinite_total}
+    summary["data_failures"] = loader.failures  # samples replaced by another after failing to load (this process, this run)
     if log is not None:
         summary |= log.close() | {"seconds": t_total, "data_wait_share": t_data / max(t_total, 1e-9)}
     return summary
@@ -374,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, default_preset="tiny")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if train.run_dir has a checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="save and exit after STEP (resume later)")
     parser.add_argument(
         "--allow-config-change", action="store_true", help="resume although train.*/data.*/objective.* settings changed (each is printed)"
@@ -388,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg, resume=not args.no_resume, progress=not args.quiet, stop_at=args.stop_at, allow_config_change=args.allow_config_change
         )
     except TrainingError as e:
+        if args.debug:
+            raise
         print(f"avmt.train: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -257,3 +257,50 @@ def test_training_on_60_clip_sequences_from_long_synthetic_videos(tmp_path, monk
     )
     summary = train(cfg, progress=False)
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+
+
+def _bad_manifest(tmp_path, manifest):
+    lines = manifest.read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0], lines[1].replace('"fps": 8.0', '"fps": 0'), *lines[2:]]) + "\n")
+    return bad
+
+
+def _missing_videos(tmp_path, manifest):
+    gone = tmp_path / "gone.jsonl"
+    gone.write_text(manifest.read_text().replace("/videos/", "/moved-away/"))
+    return gone
+
+
+BAD_INPUTS = {  # name: (overrides, exit code, what the one-line error says)
+    "lr inf": (["train.lr=inf"], 2, "train.lr='inf' is invalid: expected a finite number"),
+    "batch 0": (["train.batch_size=0"], 2, "train.batch_size=0 is invalid"),
+    "unknown key": (["train.lrr=1"], 2, "unknown config key 'train.lrr' (did you mean 'lr'?)"),
+    "no manifest": (["data.manifest=/nonexistent/m.jsonl"], 1, "does not exist; run python -m avmt.data.prepare first"),
+    "malformed record": (["data.manifest={bad}"], 1, "line 2: fields duration=12.0, fps=0"),
+    "run_dir under a file": (["train.run_dir={file}/run"], 1, "is not writable: Not a directory"),
+    "zero steps": (["train.grad_accum=1000"], 1, "no optimizer step could ever be made"),
+    "sample rate": (["data.sample_rate=22050"], 1, "audio at 16000 Hz, but data.sample_rate=22050"),
+    "too few videos": (["train.batch_size=16"], 1, "holds fewer videos than one batch of 16 per process"),
+    "videos gone": (
+        ["data.manifest={gone}", "train.batch_size=4", "train.max_steps=2"],
+        1,
+        "data loading stopped: 10 samples in a row failed",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_one_line_error(manifest, tmp_path, case):
+    overrides, code, message = BAD_INPUTS[case]
+    (tmp_path / "file").write_text("")
+    paths = {"bad": _bad_manifest(tmp_path, manifest), "gone": _missing_videos(tmp_path, manifest), "file": tmp_path / "file"}
+    args = [o.format(**paths) for o in overrides]
+    cmd = [sys.executable, "-m", "avmt.train", "--quiet", f"data.manifest={manifest}", f"train.run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(
+        [*cmd, "train.batch_size=4", *args], capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-2000:]

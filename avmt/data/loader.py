@@ -87,6 +87,18 @@ def check_dali_cpu_codecs(records: Sequence[dict]) -> None:
         )
 
 
+def check_records(records: Sequence[dict], cfg: DataConfig) -> None:
+    """Raise LoaderError, before any decoding, if ``records`` cannot feed ``cfg``: audio extracted at another
+    sample rate than ``data.sample_rate`` (every sample would fail, one by one, after retries)."""
+    bad = [r for r in records if r.get("sample_rate") != cfg.sample_rate]
+    if bad:
+        rates = sorted({str(r.get("sample_rate")) for r in bad})
+        raise LoaderError(
+            f"{len(bad)} of {len(records)} manifest records hold audio at {', '.join(rates)} Hz, but data.sample_rate="
+            f"{cfg.sample_rate} (e.g. {bad[0]['path']}): prepare again with --sample-rate {cfg.sample_rate}, or set data.sample_rate"
+        )
+
+
 def build_loader(
     manifest: str | Path | Sequence[dict],
     cfg: DataConfig,
@@ -104,13 +116,20 @@ def build_loader(
     Batches are ``[B, ...]`` tensors on ``device`` for DALI on a GPU, on the CPU otherwise (the caller moves them).
     ``drop_last``: only full batches (training: every step and every DDP rank sees ``batch_size`` sequences).
     """
+    from avmt.data.prepare import load_manifest
+
     device = torch.device(device)
     name = select_loader(choice or cfg.loader, device)
+    try:
+        records = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+    except (OSError, ValueError) as e:  # a missing file, a malformed record (its line and field named)
+        raise LoaderError(str(e)) from None
+    check_records(records, cfg)
     if name == "cpu":
         from avmt.data.loader_cpu import CPULoader
 
         return CPULoader(
-            manifest,
+            records,
             cfg,
             batch_size,
             train=train,
@@ -121,9 +140,7 @@ def build_loader(
             drop_last=drop_last,
         )
     from avmt.data.loader_dali import DALILoader
-    from avmt.data.prepare import load_manifest
 
-    records = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
     else:

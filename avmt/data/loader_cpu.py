@@ -17,6 +17,7 @@ raises, naming the last error (a dataset that is mostly broken should stop the r
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from torch import Tensor
 from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
 from avmt.data.clips import CropPlan, SequencePlan, plan_crop, plan_sequence, sample_rng, shard_indices
+from avmt.data.loader import LoaderError
 from avmt.data.media import read_audio, read_frames
 from avmt.data.prepare import load_manifest
 
@@ -74,6 +76,10 @@ def transform_frames(frames: Tensor, crop: CropPlan, num_clips: int) -> Tensor:
     x = (x.float() - mean) / std
     n = x.shape[0]
     return x.reshape(num_clips, n // num_clips, 3, crop.crop, crop.crop).transpose(1, 2).contiguous()
+
+
+class SampleError(RuntimeError):
+    """A sample and every replacement drawn for it failed to load (raised in a worker; see CPULoader.iterate)."""
 
 
 class SequenceDataset(torch.utils.data.Dataset):
@@ -124,7 +130,7 @@ class SequenceDataset(torch.utils.data.Dataset):
                 last_error = e
                 log.warning("sample %d (%s) failed: %s: %s; replacing it", idx, self.records[idx]["path"], type(e).__name__, e)
                 idx = int(np.random.default_rng([self.seed, self.epoch, int(i), attempt, 1]).integers(len(self.records)))
-        raise RuntimeError(f"{self.max_retries} samples in a row failed to load, the last with {type(last_error).__name__}: {last_error}")
+        raise SampleError(f"{self.max_retries} samples in a row failed to load, the last with {type(last_error).__name__}: {last_error}")
 
 
 class CPULoader:
@@ -184,6 +190,13 @@ class CPULoader:
             # model's dropout stream and break exact resumption (per-sample randomness comes from sample_rng)
             generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
         )
+        try:
+            yield from self._count_failures(dl)
+        except SampleError as e:  # from a worker, its message wrapped in the worker's traceback: keep the reason
+            reason = re.sub(r"^[\w.]*SampleError: ", "", str(e).strip().splitlines()[-1])
+            raise LoaderError(f"data loading stopped: {reason}") from None
+
+    def _count_failures(self, dl: Any) -> Iterator[dict[str, Any]]:
         for batch in dl:
             n_fail = int(batch["failures"].sum())
             if n_fail:

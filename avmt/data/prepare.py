@@ -105,7 +105,14 @@ def scan_csv(csv_path: str | Path) -> list[Item]:
                 raise ValueError(f"{csv_path}:{n}: expected path,label[,start,end], got {len(row)} columns: {row}")
             p = Path(row[0].strip())
             p = p if p.is_absolute() else csv_path.parent / p
-            start, end = (float(row[2]), float(row[3])) if len(row) == 4 and row[2].strip() else (None, None)
+            start, end = None, None
+            if len(row) == 4 and (row[2].strip() or row[3].strip()):
+                try:
+                    start, end = float(row[2]), float(row[3])
+                except ValueError:
+                    raise ValueError(f"{csv_path}:{n}: start,end must be numbers, got {row[2]!r},{row[3]!r}") from None
+                if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
+                    raise ValueError(f"{csv_path}:{n}: start,end must be finite with 0 <= start < end, got {start:g},{end:g}")
             items.append(Item(str(p), row[1].strip() or None, start, end))
     return items
 
@@ -384,7 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, progress=not a.quiet, timeout_s=a.probe_timeout)
+    if a.sample_rate <= 0 or a.min_seconds <= 0 or a.workers < 1 or a.probe_timeout < 0:
+        print("error: --sample-rate and --min-seconds must be > 0, --workers >= 1, --probe-timeout >= 0", file=sys.stderr)
+        return 2
+    try:
+        s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, progress=not a.quiet, timeout_s=a.probe_timeout)
+    except ValueError as e:  # an input listed twice
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out not writable, a full disk
+        print(f"error: cannot write {a.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.reasons.items())) or "none"
     print(
         f"{s.total} files: {s.kept} kept, {s.rejected} rejected ({reasons}); processed {s.processed}, "
