@@ -43,6 +43,7 @@ FILES = ("model.safetensors", "state.pt")
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step_(\d+)(\.tmp|\.old)?$")
 # the points of a write where tests inject a kill (save_checkpoint's ``fault`` hook), in order
+LOW_SPACE_BYTES = 64 * 2**20  # below this, a failed torch.save is reported as the full disk it almost surely is
 FAULT_POINTS = ("weights", "state", "manifest", "synced", "moved_aside", "renamed", "pointer", "pruned")
 
 
@@ -122,9 +123,11 @@ def save_checkpoint(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write the checkpoint of step {step} into {root}: {e.strerror or e}") from None
-    except RuntimeError as e:  # torch.save reports a full disk as a C++ RuntimeError
+    except RuntimeError as e:  # torch.save reports a full disk as an opaque C++ error ("unexpected pos 768 vs 662")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write the checkpoint of step {step} into {root}: {str(e).splitlines()[0]}") from None
+        free = shutil.disk_usage(root).free
+        why = f"No space left on device ({free / 2**20:.1f} MiB free)" if free < LOW_SPACE_BYTES else str(e).splitlines()[0]
+        raise CheckpointError(f"cannot write the checkpoint of step {step} into {root}: {why}") from None
     if final.exists():  # the same step again (a finished run re-run, --stop-at at a save step): keep it until replaced
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

@@ -194,6 +194,22 @@ def restore(
 def accumulate(
     net: torch.nn.Module, batches: Any, tc: TrainConfig, device: torch.device, bf16: bool, gen: torch.Generator
 ) -> tuple[str, int, dict[str, float], float]:
+    """Forward + backward of the ``train.grad_accum`` micro-batches of one optimizer step (:func:`_accumulate`); under
+    ``torch.distributed`` a collective that times out (a hung or dead rank) becomes a :class:`TrainingError`."""
+    try:
+        return _accumulate(net, batches, tc, device, bf16, gen)
+    except RuntimeError as e:
+        if not (dist.is_initialized() and "timed out" in str(e).lower()):
+            raise
+        raise TrainingError(
+            f"rank {dist.get_rank()}: a collective waited longer than train.dist_timeout_s={tc.dist_timeout_s:g} s "
+            f"({str(e).strip().splitlines()[-1][-200:]}): another rank is hung or dead"
+        ) from None
+
+
+def _accumulate(
+    net: torch.nn.Module, batches: Any, tc: TrainConfig, device: torch.device, bf16: bool, gen: torch.Generator
+) -> tuple[str, int, dict[str, float], float]:
     """Forward + backward of the ``train.grad_accum`` micro-batches of one optimizer step.
 
     Returns ``(outcome, micro-batches consumed, mean metrics, seconds waiting for data)``; outcome ``ok``, ``epoch_end``
@@ -364,9 +380,13 @@ class _Log:
     def step(self, record: dict[str, Any], tc: TrainConfig, world: int, t_data: float, t_total: float) -> None:
         step = record["step"]
         self.history.append(record)
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                self.file.flush()
+        except OSError as e:  # a full disk: the torn line is dropped on resume (_truncate_metrics)
+            raise TrainingError(f"cannot write {self.file.name}: {e.strerror or e}") from None
         if step % tc.log_every == 0 or step == tc.max_steps:
-            self.file.flush()
             for k, v in record.items():
                 if k != "step":
                     self.writer.add_scalar(k, v, step)

@@ -147,3 +147,29 @@ def test_a_checkpoint_without_a_manifest_loads_only_when_asked(tmp_path):
     with pytest.raises(CheckpointError, match="no manifest.json"):
         load_checkpoint(path)
     assert load_checkpoint(path, allow_unverified=True)["step"] == 10
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1.5 MB tmpfs (needs mount rights: root here and in CI); skipped with the reason elsewhere."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_really_full_disk_keeps_the_last_checkpoint(small_disk):
+    big = nn.Linear(300, 300)  # 361 KB of weights; with the state below a checkpoint is ~0.84 MB: one fits, two do not
+    state = {"step": 1, "t": torch.zeros(400, 300)}
+    save_checkpoint(small_disk, 1, big, state)
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint of step 2 .*No space left on device"):
+        save_checkpoint(small_disk, 2, big, state | {"step": 2})
+    found = find_checkpoint(small_disk)
+    assert found.path.name == "step_000001" and not found.skipped
+    assert load_checkpoint(found.path, nn.Linear(300, 300))["step"] == 1
+    assert not (small_disk / "checkpoints" / "step_000002.tmp").exists()  # the partial write is gone

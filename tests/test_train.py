@@ -304,3 +304,45 @@ def test_bad_input_is_a_one_line_error(manifest, tmp_path, case):
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, proc.stderr[-2000:]
+
+
+def _hung_rank_worker(rank: int, manifest: str, run_dir: str, out: str, port: int) -> None:
+    """One rank of a 2-process gloo job; rank 1 hangs in its first step (it sleeps, it does not die)."""
+    import time
+
+    import avmt.train as t
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 1:
+        t._accumulate = lambda *a, **k: time.sleep(20)
+    cfg = cfg_for(manifest, run_dir, "train.max_steps=3", "train.dist_timeout_s=4", "train.batch_size=2")
+    started = time.time()
+    try:
+        t.train(cfg, progress=False)
+    except t.TrainingError as e:
+        with open(out, "w") as f:
+            json.dump({"error": str(e), "seconds": time.time() - started}, f)
+    finally:
+        if rank == 0:
+            os._exit(0)  # without waiting for the hung rank: its process is killed by the spawn context
+
+
+def test_a_hung_rank_fails_the_job_after_the_timeout(manifest, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.json"
+    ctx = mp.start_processes(
+        _hung_rank_worker, args=(str(manifest), str(tmp_path / "run"), str(out), port), nprocs=2, join=False, start_method="spawn"
+    )
+    ctx.processes[0].join(timeout=120)
+    for p in ctx.processes:
+        p.kill()
+    result = json.loads(out.read_text())
+    assert "rank 0: a collective waited longer than train.dist_timeout_s=4 s" in result["error"]
+    assert "another rank is hung or dead" in result["error"] and result["seconds"] < 60
