@@ -501,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--seed", type=int, default=defaults.seed, help=f"head init, dropout, data order (default {defaults.seed})")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     args = parser.parse_args(argv)
 
     # -- check every argument before any work --
@@ -581,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(cfg.train.seed)  # the initialisation the run started from
             results["random_init"] = run(AVBert(cfg.model))
     except (EvaluationError, LoaderError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        if args.debug:
+            raise
         print(f"avmt.evaluate: error: {e}", file=sys.stderr)
         return 1
     if args.json:

@@ -183,3 +183,25 @@ def test_manifest_records_are_checked_once_with_the_line_and_field(tmp_path, lin
     (tmp_path / "manifest.jsonl").write_text(json.dumps(good) + "\n")
     (rec,) = load_manifest(tmp_path / "manifest.jsonl")
     assert rec["path"] == str(tmp_path.resolve() / "v.mp4")  # relative paths: relative to the manifest
+
+
+@pytest.mark.parametrize(
+    "rows, args, code, message",
+    [
+        ("v.mp4,a\nv.mp4,a\n", [], 2, "is listed twice"),
+        ("v.mp4,a,5,2\n", [], 2, "labels.csv:1: start,end must be finite with 0 <= start < end, got 5,2"),
+        ("v.mp4,a,nan,2\n", [], 2, "labels.csv:1: start,end must be finite"),
+        ("v.mp4,a,x,2\n", [], 2, "labels.csv:1: start,end must be numbers"),
+        ("v.mp4,a,b\n", [], 2, "labels.csv:1: expected path,label[,start,end], got 3 columns"),
+        ("v.mp4,a\n", ["--workers", "0"], 2, "--workers >= 1"),
+        ("v.mp4,a\n", ["--out", "{file}/out"], 1, "cannot write"),
+    ],
+)
+def test_bad_cli_input_is_a_one_line_error(tmp_path, capsys, rows, args, code, message):
+    (tmp_path / "labels.csv").write_text(rows)
+    (tmp_path / "file").write_text("")
+    argv = ["--csv", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out"), "--quiet"]
+    argv += [a.format(file=tmp_path / "file") for a in args]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -385,10 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--probe-timeout", type=float, default=300.0, help="seconds per file before it is rejected as 'timeout' (0: none)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     a = p.parse_args(argv)
     try:
         items = scan_root(a.root) if a.root else scan_csv(a.csv)
     except (OSError, ValueError) as e:
+        if a.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.sample_rate <= 0 or a.min_seconds <= 0 or a.workers < 1 or a.probe_timeout < 0:
@@ -396,12 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, progress=not a.quiet, timeout_s=a.probe_timeout)
-    except ValueError as e:  # an input listed twice
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # --out not writable, a full disk
-        print(f"error: cannot write {a.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:  # an input listed twice; --out not writable, a full disk
+        if a.debug:
+            raise
+        print(f"error: {e}" if isinstance(e, ValueError) else f"error: cannot write {a.out}: {e.strerror or e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.reasons.items())) or "none"
     print(
         f"{s.total} files: {s.kept} kept, {s.rejected} rejected ({reasons}); processed {s.processed}, "
