@@ -246,12 +246,23 @@ def train(
     ``stop_at``: save and return after that step, as if the job were interrupted (the schedule still spans
     ``train.max_steps``; a later call resumes from there). ``allow_config_change``: see :func:`restore`.
     """
+    if not cfg.train.deterministic:
+        return _train(cfg, resume, progress, stop_at, allow_config_change)
+    # deterministic kernels for this run (an op without one raises, naming itself); the setting is process-wide,
+    # so it is put back afterwards
+    previous = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, resume, progress, stop_at, allow_config_change)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow_config_change: bool) -> dict[str, Any]:
     rank, world, device = _setup_distributed(cfg.train)
     if rank == 0:
         _check_writable(Path(cfg.train.run_dir))
-    if cfg.train.deterministic:  # explicit and process-wide: deterministic kernels (or an error naming the op)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
     tc, run_dir, is_main = cfg.train, Path(cfg.train.run_dir), rank == 0
     loader = build_data(cfg, device, rank, world, progress)
 
@@ -307,18 +318,22 @@ def train(
             if outcome == "epoch_end":
                 run.epoch, run.batch_in_epoch = run.epoch + 1, 0
                 break
+            if outcome == "ok":
+                grad_norm = torch.nn.utils.clip_grad_norm_(pre.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                if not math.isfinite(float(grad_norm)):  # a finite loss, inf/nan gradients: AdamW would poison the weights
+                    outcome = "nonfinite"
+                    opt.zero_grad(set_to_none=True)
             if outcome == "nonfinite":
                 nonfinite_run += 1
                 run.nonfinite_total += 1
                 if nonfinite_run >= tc.max_nonfinite:
                     save()
                     raise TrainingError(
-                        f"{nonfinite_run} non-finite losses in a row at step {run.step}; stopped. The checkpoint in "
+                        f"{nonfinite_run} non-finite losses or gradients in a row at step {run.step}; stopped. The checkpoint in "
                         f"{run_dir / 'checkpoints'} holds the weights from before them; lower train.lr or check the data"
                     )
                 continue
             nonfinite_run = 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(pre.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()

@@ -88,6 +88,12 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(manifest, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
 
 
+def test_deterministic_switch_runs_and_is_put_back(manifest, tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    summary = train(cfg_for(manifest, tmp_path, "train.max_steps=2", "train.deterministic=true"), progress=False)
+    assert summary["steps"] == 2 and not torch.are_deterministic_algorithms_enabled()
+
+
 def test_resume_refuses_changed_settings_unless_asked(manifest, tmp_path):
     train(cfg_for(manifest, tmp_path, "train.max_steps=2"), progress=False)
     with pytest.raises(TrainingError, match=r"other settings \(train.lr: 0.001 -> 0.0005\).*--allow-config-change"):
@@ -102,6 +108,24 @@ def test_zero_step_configs_are_refused_before_any_work(manifest, tmp_path):
         train(cfg_for(manifest, tmp_path, "train.grad_accum=50"), progress=False)
     proc = subprocess.run([sys.executable, "-m", "avmt.train", "train.lr=inf"], capture_output=True, text=True)
     assert proc.returncode == 2 and "train.lr='inf' is invalid: expected a finite number" in proc.stderr
+
+
+def test_nonfinite_gradients_of_a_finite_loss_are_a_skipped_step(manifest, tmp_path, monkeypatch):
+    real_forward = Pretraining.forward
+    calls = {"n": 0}
+
+    def nan_grads_once(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out.loss.register_hook(lambda g: g * float("nan"))  # the loss stays finite, every gradient is NaN
+        return out
+
+    monkeypatch.setattr(Pretraining, "forward", nan_grads_once)
+    summary = train(cfg_for(manifest, tmp_path, "train.max_steps=3"), progress=False)
+    assert summary["steps"] == 3 and summary["nonfinite_skipped"] == 1
+    weights = load_file(latest_checkpoint(tmp_path) / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_nonfinite_clip_features_are_a_skipped_step_not_a_crash(manifest, tmp_path, monkeypatch):
@@ -165,7 +189,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(manifest, tmp_path, monk
         return out
 
     monkeypatch.setattr(Pretraining, "forward", always_inf)
-    with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 0"):
+    with pytest.raises(TrainingError, match="3 non-finite losses or gradients in a row at step 0"):
         train(cfg_for(manifest, tmp_path / "b", "train.max_steps=6", "train.max_nonfinite=3"), progress=False)
     assert latest_checkpoint(tmp_path / "b") is not None  # a usable checkpoint is left behind
 
