@@ -238,6 +238,37 @@ def _accumulate(
     return "ok", used, metrics, wait
 
 
+def resumable_checkpoint(run_dir: Path, is_main: bool) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that verifies (None for a new run); each newer one that does not is
+    printed with the reason, and a run whose checkpoints all fail to verify stops instead of restarting."""
+    found = find_checkpoint(run_dir)
+    for path, why in found.skipped if is_main else ():
+        print(f"avmt.train: skipped checkpoint {path}: {why}", file=sys.stderr)
+    if found.path is None and found.skipped:
+        raise TrainingError(f"no checkpoint in {run_dir / 'checkpoints'} verifies (see above); pass --no-resume to start over")
+    return found.path
+
+
+def clip_gradients(pre: torch.nn.Module, tc: TrainConfig) -> float | None:
+    """Clip to ``train.grad_clip`` (0: measure only); the global norm, or None if a gradient is NaN/inf (a finite loss
+    can still have them, and AdamW would spread them into every weight)."""
+    norm = float(torch.nn.utils.clip_grad_norm_(pre.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+    return norm if math.isfinite(norm) else None
+
+
+def count_nonfinite(run: RunState, streak: int, tc: TrainConfig, save: Any) -> int:
+    """Count a skipped non-finite step; after ``train.max_nonfinite`` in a row, save (the weights are those from
+    before the streak: no skipped step changed them) and stop. Returns the streak."""
+    run.nonfinite_total += 1
+    if streak >= tc.max_nonfinite:
+        path = save()
+        raise TrainingError(
+            f"{streak} non-finite losses or gradients in a row at step {run.step}; stopped. The checkpoint {path} holds "
+            "the weights from before them; lower train.lr or check the data"
+        )
+    return streak
+
+
 def train(
     cfg: Config, resume: bool = True, progress: bool = True, stop_at: int | None = None, allow_config_change: bool = False
 ) -> dict[str, Any]:
@@ -273,12 +304,7 @@ def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow
     opt, bf16 = build_optimizer(pre.parameters(), tc), use_bf16(tc, device)
     sched = build_scheduler(opt, tc)
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)  # masks, swaps, negative-sampling seeds
-    found = find_checkpoint(run_dir) if resume else None
-    ckpt = found.path if found else None
-    for path, why in found.skipped if found and is_main else ():  # newer ones that did not verify: said, not used
-        print(f"avmt.train: skipped checkpoint {path}: {why}", file=sys.stderr)
-    if found and ckpt is None and found.skipped:
-        raise TrainingError(f"no checkpoint in {run_dir / 'checkpoints'} verifies (see above); pass --no-resume to start over")
+    ckpt = resumable_checkpoint(run_dir, is_main) if resume else None
     run = restore(ckpt, cfg, pre, opt, sched, gen, rank, device, allow_config_change) if ckpt is not None else RunState()
     if ckpt is not None and is_main:
         print(f"resumed from {ckpt} at step {run.step}", file=sys.stderr)
@@ -313,25 +339,14 @@ def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow
                 raise TrainingError(f"{e} (at step {run.step}; the checkpoint of that step is saved)") from None
             run.batch_in_epoch += used
             t_data += wait
-            if outcome != "ok":
+            grad_norm = clip_gradients(pre, tc) if outcome == "ok" else None
+            if grad_norm is None:  # no step: the epoch ended, or a loss or a gradient was NaN/inf
                 opt.zero_grad(set_to_none=True)
             if outcome == "epoch_end":
                 run.epoch, run.batch_in_epoch = run.epoch + 1, 0
                 break
-            if outcome == "ok":
-                grad_norm = torch.nn.utils.clip_grad_norm_(pre.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-                if not math.isfinite(float(grad_norm)):  # a finite loss, inf/nan gradients: AdamW would poison the weights
-                    outcome = "nonfinite"
-                    opt.zero_grad(set_to_none=True)
-            if outcome == "nonfinite":
-                nonfinite_run += 1
-                run.nonfinite_total += 1
-                if nonfinite_run >= tc.max_nonfinite:
-                    save()
-                    raise TrainingError(
-                        f"{nonfinite_run} non-finite losses or gradients in a row at step {run.step}; stopped. The checkpoint in "
-                        f"{run_dir / 'checkpoints'} holds the weights from before them; lower train.lr or check the data"
-                    )
+            if grad_norm is None:
+                nonfinite_run = count_nonfinite(run, nonfinite_run + 1, tc, save)
                 continue
             nonfinite_run = 0
             opt.step()
@@ -341,7 +356,7 @@ def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow
             now = time.perf_counter()
             t_total, tick = t_total + now - tick, now
             if log is not None:
-                record = {"step": run.step, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **metrics}
+                record = {"step": run.step, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, **metrics}
                 record |= {"nonfinite_skipped": run.nonfinite_total, "data_failures": loader.failures, "epoch": run.epoch}
                 log.step(record, tc, world, t_data, t_total)
             if run.step % tc.save_every == 0:
