@@ -84,14 +84,15 @@ def _setup_distributed(tc: TrainConfig) -> tuple[int, int, torch.device]:
 
 
 def _check_writable(run_dir: Path) -> None:
-    """Fail before any work if ``train.run_dir`` cannot hold checkpoints and logs."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise TrainingError(f"train.run_dir={str(run_dir)!r} is not writable: {e.strerror or e}") from None
+    """Fail before any work if ``train.run_dir`` cannot be created or written (without creating it: a run that
+    fails on its data leaves nothing behind)."""
+    existing = run_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainingError(f"train.run_dir={str(run_dir)!r} is not writable: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f"train.run_dir={str(run_dir)!r} is not writable: no write permission on {existing}")
 
 
 @dataclass

@@ -302,7 +302,7 @@ BAD_INPUTS = {  # name: (overrides, exit code, what the one-line error says)
     "unknown key": (["train.lrr=1"], 2, "unknown config key 'train.lrr' (did you mean 'lr'?)"),
     "no manifest": (["data.manifest=/nonexistent/m.jsonl"], 1, "does not exist; run python -m avmt.data.prepare first"),
     "malformed record": (["data.manifest={bad}"], 1, "line 2: fields duration=12.0, fps=0"),
-    "run_dir under a file": (["train.run_dir={file}/run"], 1, "is not writable: Not a directory"),
+    "run_dir under a file": (["train.run_dir={file}/run"], 1, "/file is not a directory"),
     "zero steps": (["train.grad_accum=1000"], 1, "no optimizer step could ever be made"),
     "sample rate": (["data.sample_rate=22050"], 1, "audio at 16000 Hz, but data.sample_rate=22050"),
     "too few videos": (["train.batch_size=16"], 1, "holds fewer videos than one batch of 16 per process"),
