@@ -142,8 +142,11 @@ def build_data(cfg: Config, device: torch.device, rank: int, world: int, progres
     return loader
 
 
-# settings a resumed run may change: they alter neither the computation nor the data order
-RESUMABLE_CHANGES = frozenset({"train.max_steps", "train.log_every", "train.save_every", "train.max_nonfinite", "train.dist_timeout_s"})
+# settings a resumed run may change: they alter neither the computation nor the data (samples are seeded per index,
+# so the worker count does not change them)
+RESUMABLE_CHANGES = frozenset(
+    {"train.max_steps", "train.log_every", "train.save_every", "train.max_nonfinite", "train.dist_timeout_s", "data.num_workers"}
+)
 
 
 def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
