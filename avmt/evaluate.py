@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--manifest {args.manifest} does not exist")
 
     from avmt.data.loader import LoaderError, check_dali_cpu_codecs, select_loader
-    from avmt.data.prepare import load_manifest
+    from avmt.data.manifest import load_manifest
     from avmt.train import synthetic_manifest
 
     try:

@@ -5,7 +5,7 @@ import torch
 from data_fixtures import SR, make_synth
 
 from avmt.config import ConfigError, load_config
-from avmt.data.loader import LoaderError, build_loader, loader_status, select_loader
+from avmt.data.loader import Loader, LoaderError, build_loader, loader_status, select_loader
 from avmt.data.loader_cpu import CPULoader
 from avmt.data.prepare import prepare, scan_root
 from avmt.train import TrainingError, train
@@ -25,7 +25,8 @@ def test_auto_picks_the_cpu_loader_without_cuda_and_bad_choices_fail(webm):
     cfg = load_config("tiny").data
     assert cfg.loader == "auto"
     assert select_loader("auto", "cpu") == "cpu" and select_loader("cpu", "cpu") == "cpu"
-    assert isinstance(build_loader(webm, cfg, 2, train=True, device="cpu"), CPULoader)
+    built = build_loader(webm, cfg, 2, train=True, device="cpu")
+    assert isinstance(built, CPULoader) and isinstance(built, Loader)  # the interface the trainer relies on
     status = loader_status("cpu")
     assert status["cpu"][0] and all(why for _, why in status.values())
     if not torch.cuda.is_available():

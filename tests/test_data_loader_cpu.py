@@ -9,9 +9,10 @@ import torch
 from data_fixtures import TEST_CFG, check_contract, prepared
 
 from avmt.data.clips import sample_rng
-from avmt.data.loader_cpu import CPULoader, SequenceDataset, plan_sample
+from avmt.data.loader_cpu import CPULoader, SequenceDataset
+from avmt.data.manifest import load_manifest
 from avmt.data.media import read_frames
-from avmt.data.prepare import load_manifest
+from avmt.data.sample import plan_sample
 
 B = 2
 

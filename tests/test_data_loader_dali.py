@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from avmt.checkpoint import latest_checkpoint
 from avmt.config import load_config
-from avmt.data.loader import build_loader, select_loader
+from avmt.data.loader import Loader, build_loader, select_loader
 from avmt.data.loader_cpu import CPULoader
-from avmt.data.prepare import load_manifest, prepare, scan_root
+from avmt.data.manifest import load_manifest
+from avmt.data.prepare import prepare, scan_root
 from avmt.train import TrainingError, train
 
 dali = pytest.importorskip("nvidia.dali")
@@ -42,6 +43,7 @@ def test_dali_cpu_pipeline_matches_the_cpu_loader_in_eval(webm):
     cfg = TEST_CFG
     ref = list(CPULoader(webm, cfg, B, train=False, num_workers=0))
     dl = DALILoader(webm, cfg, B, train=False, device_id=None)
+    assert isinstance(dl, Loader)
     assert len(dl) == len(ref) == 3
     got = list(dl)
     assert len(got) == 3

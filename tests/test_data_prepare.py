@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from data_fixtures import SR, make_bad_files, make_synth
 
+from avmt.data.manifest import load_manifest
 from avmt.data.media import read_audio
-from avmt.data.prepare import Item, load_manifest, main, prepare, scan_csv, scan_root
+from avmt.data.prepare import Item, main, prepare, scan_csv, scan_root
 
 
 @pytest.fixture(scope="module")
@@ -154,35 +155,6 @@ def test_pool_workers_die_with_their_parent(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"worker {worker} outlived its killed parent by 10 s")
-
-
-@pytest.mark.parametrize(
-    "line, message",
-    [
-        ("{not json", "line 2: not valid JSON"),
-        ('["a list"]', "line 2: expected a JSON object, got list"),
-        ('{"path": "v.mp4"}', "line 2: field 'audio' is missing"),
-        ("GOOD|fps=0", "line 2: fields duration=.*fps=0.*expected numbers > 0"),
-        ("GOOD|duration=nan", "line 2: field 'duration'=nan: expected a number > 0"),
-        ("GOOD|end=-1", "line 2: fields .*end=-1.*0 <= start < end"),
-        ("GOOD", "line 2: .*v.mp4 is listed again .first on line 1"),
-    ],
-)
-def test_manifest_records_are_checked_once_with_the_line_and_field(tmp_path, line, message):
-    good = {"path": "v.mp4", "audio": "a.flac", "label": "x", "label_index": 0, "start": 0.0, "end": 4.0}
-    good |= {"duration": 4.0, "fps": 25.0, "sample_rate": 16000}
-    if line.startswith("GOOD"):
-        rec = dict(good)
-        for kv in line.split("|")[1:]:
-            k, v = kv.split("=")
-            rec[k] = float(v)
-        line = json.dumps(rec)
-    (tmp_path / "manifest.jsonl").write_text(json.dumps(good) + "\n" + line + "\n")
-    with pytest.raises(ValueError, match=message):
-        load_manifest(tmp_path)
-    (tmp_path / "manifest.jsonl").write_text(json.dumps(good) + "\n")
-    (rec,) = load_manifest(tmp_path / "manifest.jsonl")
-    assert rec["path"] == str(tmp_path.resolve() / "v.mp4")  # relative paths: relative to the manifest
 
 
 @pytest.mark.parametrize(

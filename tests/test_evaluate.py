@@ -9,7 +9,7 @@ import torch
 import avmt.evaluate
 from avmt.config import load_config
 from avmt.data.loader import loader_status
-from avmt.data.prepare import load_manifest
+from avmt.data.manifest import load_manifest
 from avmt.evaluate import EvaluationError, FinetuneSettings, finetune, labelled_split, main, pair_accuracy, score_classifiers
 from avmt.models import AVBert, EncoderOutput
 from avmt.objectives import Pretraining, swap_permutation

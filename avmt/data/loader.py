@@ -15,19 +15,32 @@ mid-epoch without decoding the skipped batches) and the running count ``loader.f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from avmt.config import DataConfig
 
-if TYPE_CHECKING:
-    from avmt.data.loader_cpu import CPULoader
-    from avmt.data.loader_dali import DALILoader
 
-    Loader = CPULoader | DALILoader
+@runtime_checkable
+class Loader(Protocol):
+    """What the training loop and evaluation use of a loader (both :class:`~avmt.data.loader_cpu.CPULoader` and
+    :class:`~avmt.data.loader_dali.DALILoader` are one): ``len(loader)`` batches per epoch, ``set_epoch(e)``,
+    ``iterate(k)`` (the epoch's batches from batch ``k`` on, decoding nothing before it), the running count of
+    replaced samples ``failures``, and ``close()`` (free threads and pipelines now)."""
+
+    failures: int
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def iterate(self, start_batch: int = 0) -> Iterator[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
 
 LOADERS = ("cpu", "dali")
 # Video codecs (PyAV/FFmpeg names, the manifest's ``video_codec``) that DALI's CPU decoder reads in the PyPI wheel.
@@ -116,7 +129,7 @@ def build_loader(
     Batches are ``[B, ...]`` tensors on ``device`` for DALI on a GPU, on the CPU otherwise (the caller moves them).
     ``drop_last``: only full batches (training: every step and every DDP rank sees ``batch_size`` sequences).
     """
-    from avmt.data.prepare import load_manifest
+    from avmt.data.manifest import load_manifest
 
     device = torch.device(device)
     name = select_loader(choice or cfg.loader, device)

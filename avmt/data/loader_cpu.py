@@ -29,34 +29,13 @@ from torch import Tensor
 
 from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
-from avmt.data.clips import CropPlan, SequencePlan, plan_crop, plan_sequence, sample_rng, shard_indices
+from avmt.data.clips import CropPlan, shard_indices
 from avmt.data.loader import LoaderError
-from avmt.data.media import read_audio, read_frames
-from avmt.data.prepare import load_manifest
+from avmt.data.manifest import load_manifest
+from avmt.data.media import read_frames
+from avmt.data.sample import MEAN, STD, SampleError, load_audio_clips, load_with_retries, plan_sample
 
 log = logging.getLogger("avmt.data")
-
-MEAN = (0.45, 0.45, 0.45)
-STD = (0.225, 0.225, 0.225)
-
-
-def plan_sample(rec: dict, cfg: DataConfig, train: bool, rng: np.random.Generator | None) -> tuple[SequencePlan, CropPlan]:
-    """The sequence and crop plan of manifest record ``rec`` (the same in both loaders for the same rng)."""
-    seq = plan_sequence(cfg, rec["duration"], rec["fps"], rec["num_frames"], train, rng, (rec.get("start", 0.0), rec.get("end")))
-    crop = plan_crop(cfg, rec["height"], rec["width"], train, rng)
-    return seq, crop
-
-
-def load_audio_clips(rec: dict, plan: SequencePlan, sample_rate: int) -> np.ndarray:
-    """The T audio windows of ``plan`` from the record's FLAC: ``[T, audio_length]`` float32.
-
-    One seek + one contiguous read covering all windows, then slicing (clips of a sequence are close)."""
-    if rec["sample_rate"] != sample_rate:
-        raise ValueError(f"{rec['audio']} was prepared at {rec['sample_rate']} Hz but data.sample_rate={sample_rate}: re-run prepare")
-    lo = int(plan.audio_starts.min())
-    hi = int(plan.audio_starts.max()) + plan.audio_length
-    wave = read_audio(rec["audio"], lo, hi - lo)
-    return np.stack([wave[s - lo : s - lo + plan.audio_length] for s in plan.audio_starts])
 
 
 def transform_frames(frames: Tensor, crop: CropPlan, num_clips: int) -> Tensor:
@@ -76,10 +55,6 @@ def transform_frames(frames: Tensor, crop: CropPlan, num_clips: int) -> Tensor:
     x = (x.float() - mean) / std
     n = x.shape[0]
     return x.reshape(num_clips, n // num_clips, 3, crop.crop, crop.crop).transpose(1, 2).contiguous()
-
-
-class SampleError(RuntimeError):
-    """A sample and every replacement drawn for it failed to load (raised in a worker; see CPULoader.iterate)."""
 
 
 class SequenceDataset(torch.utils.data.Dataset):
@@ -119,18 +94,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         }
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        idx, last_error = int(i), None
-        for attempt in range(self.max_retries):
-            rng = sample_rng(self.seed, self.epoch, int(i), attempt) if self.train else None
-            try:
-                out = self.load(idx, rng)
-                out["failures"] = torch.tensor(attempt, dtype=torch.int64)
-                return out
-            except Exception as e:
-                last_error = e
-                log.warning("sample %d (%s) failed: %s: %s; replacing it", idx, self.records[idx]["path"], type(e).__name__, e)
-                idx = int(np.random.default_rng([self.seed, self.epoch, int(i), attempt, 1]).integers(len(self.records)))
-        raise SampleError(f"{self.max_retries} samples in a row failed to load, the last with {type(last_error).__name__}: {last_error}")
+        out, failed = load_with_retries(self.load, int(i), self.records, self.seed, self.epoch, self.train, self.max_retries)
+        out["failures"] = torch.tensor(failed, dtype=torch.int64)
+        return out
 
 
 class CPULoader:

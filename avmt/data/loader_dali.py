@@ -38,9 +38,9 @@ import torch
 
 from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
-from avmt.data.clips import sample_rng, shard_indices
-from avmt.data.loader_cpu import MEAN, STD, load_audio_clips, plan_sample
-from avmt.data.prepare import load_manifest
+from avmt.data.clips import shard_indices
+from avmt.data.manifest import load_manifest
+from avmt.data.sample import MEAN, STD, SampleError, load_audio_clips, load_with_retries, plan_sample
 
 log = logging.getLogger("avmt.data")
 
@@ -142,36 +142,37 @@ class DALILoader:
 
     def host_sample(self, i: int, epoch: int) -> tuple[np.ndarray, ...]:
         """Everything the graph needs for row ``i``, replacing failing rows (logged and counted)."""
-        idx, last_error = i, None
-        for attempt in range(self.max_retries):
-            rng = sample_rng(self.seed, epoch, i, attempt) if self.train else None
-            rec = self.records[idx]
-            try:
-                seq, crop = plan_sample(rec, self.cfg, self.train, rng)
-                data = np.fromfile(rec["path"], dtype=np.uint8)
-                if data.size == 0:
-                    raise ValueError("empty file")
-                audio = load_audio_clips(rec, seq, self.cfg.sample_rate)
-                aug_seed = int(rng.integers(2**62)) if rng is not None else 0
-                h, w = crop.size
-                pos_y = crop.top / (h - crop.crop) if h > crop.crop else 0.0
-                pos_x = crop.left / (w - crop.crop) if w > crop.crop else 0.0
-                return (
-                    data,
-                    seq.frame_indices.reshape(-1).astype(np.int32),
-                    np.array([h, w], np.float32),
-                    np.array([pos_y, pos_x], np.float32),
-                    np.array(int(crop.flip), np.int32),
-                    audio,
-                    np.array(rec["label_index"], np.int64),
-                    np.array([idx, aug_seed], np.int64),
-                )
-            except Exception as e:
-                last_error = e
-                self.failures += 1
-                log.warning("sample %d (%s) failed on the host: %s: %s; replacing it", idx, rec["path"], type(e).__name__, e)
-                idx = int(np.random.default_rng([self.seed, epoch, i, attempt, 1]).integers(len(self.records)))
-        raise RuntimeError(f"{self.max_retries} samples in a row failed to load, the last with {type(last_error).__name__}: {last_error}")
+        try:
+            out, failed = load_with_retries(
+                lambda idx, rng: self._host_load(idx, rng), i, self.records, self.seed, epoch, self.train, self.max_retries
+            )
+        except SampleError:
+            self.failures += self.max_retries
+            raise
+        self.failures += failed
+        return out
+
+    def _host_load(self, idx: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
+        rec = self.records[idx]
+        seq, crop = plan_sample(rec, self.cfg, self.train, rng)
+        data = np.fromfile(rec["path"], dtype=np.uint8)
+        if data.size == 0:
+            raise ValueError("empty file")
+        audio = load_audio_clips(rec, seq, self.cfg.sample_rate)
+        aug_seed = int(rng.integers(2**62)) if rng is not None else 0
+        h, w = crop.size
+        pos_y = crop.top / (h - crop.crop) if h > crop.crop else 0.0
+        pos_x = crop.left / (w - crop.crop) if w > crop.crop else 0.0
+        return (
+            data,
+            seq.frame_indices.reshape(-1).astype(np.int32),
+            np.array([h, w], np.float32),
+            np.array([pos_y, pos_x], np.float32),
+            np.array(int(crop.flip), np.int32),
+            audio,
+            np.array(rec["label_index"], np.int64),
+            np.array([idx, aug_seed], np.int64),
+        )
 
     # -- the DALI graph ----------------------------------------------------------------------------
     def construct(self) -> Any:
