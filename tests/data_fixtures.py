@@ -138,12 +138,10 @@ def prepared(tmp_path_factory, fmt: str) -> Path:
 
 
 def check_contract(batch: dict, cfg: DataConfig, b: int) -> None:
-    """The loaders' batch contract: shapes, dtypes, finite and normalised values."""
+    """The loaders' batch contract: shapes and dtypes (video uint8, normalised by the model), finite audio."""
     t, f, c = cfg.num_clips, cfg.frames, cfg.crop_size
-    assert batch["video"].shape == (b, t, 3, f, c, c) and batch["video"].dtype == torch.float32
+    assert batch["video"].shape == (b, t, 3, f, c, c) and batch["video"].dtype == torch.uint8  # normalised by the model
     assert batch["audio"].shape == (b, t, 1, cfg.n_mels, cfg.mel_frames) and batch["audio"].dtype == torch.float32
     assert batch["label"].shape == (b,) and batch["label"].dtype == torch.int64
     assert batch["index"].shape == (b,) and batch["index"].dtype == torch.int64
-    assert torch.isfinite(batch["video"]).all() and torch.isfinite(batch["audio"]).all()
-    # Normalised with mean 0.45 / std 0.225: values span [-2, 2.44].
-    assert batch["video"].min() >= -2.0 - 1e-5 and batch["video"].max() <= 2.4445 + 1e-4
+    assert torch.isfinite(batch["audio"]).all()

@@ -46,7 +46,7 @@ def test_fake_equals_real(scope, scheme):
     assert real.inputs == (
         2 * 3 * 5 * cfg.model.dim * 4
         if scope == "transformer"
-        else 3 * 5 * 4 * (3 * cfg.data.frames * cfg.data.crop_size**2 + cfg.data.n_mels * cfg.data.mel_frames)
+        else 3 * 5 * (3 * cfg.data.frames * cfg.data.crop_size**2 + 4 * cfg.data.n_mels * cfg.data.mel_frames)  # uint8 video
     )
 
 

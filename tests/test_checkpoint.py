@@ -4,6 +4,7 @@ pruning by step number. Kills are injected deterministically through save_checkp
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,17 +151,21 @@ def test_a_checkpoint_without_a_manifest_loads_only_when_asked(tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk():
     """A real 1.5 MB tmpfs (needs mount rights: root here and in CI); skipped with the reason elsewhere."""
     import subprocess
+    import tempfile
 
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
+    mnt = Path(tempfile.mkdtemp(prefix="avmt-small-disk-"))  # outside pytest's basetemp, which it renames when pruning
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)], capture_output=True, text=True)
     if proc.returncode != 0:
+        mnt.rmdir()
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()
 
 
 def test_a_really_full_disk_keeps_the_last_checkpoint(small_disk):

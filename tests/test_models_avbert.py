@@ -148,8 +148,10 @@ def test_bad_inputs_raise_clear_errors():
         model(video, audio[:, :, 0])
     with pytest.raises(ValueError, match="same \\[B, T\\]"):
         model(video, audio[:, :3])
-    with pytest.raises(ValueError, match="floating-point"):
-        model(video.to(torch.uint8), audio)
+    with pytest.raises(ValueError, match="video must be a floating-point tensor or uint8 RGB, got torch.int64"):
+        model(video.long(), audio)
+    with pytest.raises(ValueError, match="audio must be a floating-point tensor, got torch.uint8"):
+        model(video, audio.to(torch.uint8))
     with pytest.raises(ValueError, match="clip_mask must be a bool tensor"):
         model(video, audio, torch.ones(2, 4))
     with pytest.raises(ValueError, match="no real clip"):
@@ -268,6 +270,25 @@ def test_clips_with_grad_back_propagates_through_k_clips_per_sequence():
     model.cnn = CNNRunner()
     torch.manual_seed(3)
     torch.testing.assert_close(a, model.embed_visual(video, mask)[0], rtol=0, atol=0)
+
+
+def test_uint8_video_is_normalised_on_the_device_as_the_loaders_used_to():
+    """The loaders hand over uint8; the model's (x/255 - 0.45) / 0.225 is the float32 the CPU loader used to make,
+    bit for bit, and runs inside each CNN chunk (a recomputed chunk keeps only its uint8 input)."""
+    from avmt.models.cnn import normalize_video
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = AVBert(cfg.model).eval()
+    d = cfg.data
+    raw = torch.randint(0, 256, (2, d.num_clips, 3, d.frames, d.crop_size, d.crop_size), dtype=torch.uint8)
+    old_loader = (raw.float() - torch.tensor(0.45).view(1, 1, 1, 1) * 255) / (torch.tensor(0.225).view(1, 1, 1, 1) * 255)
+    assert torch.equal(normalize_video(raw), old_loader)
+    assert torch.equal(model.embed_visual(raw)[0], model.embed_visual(old_loader)[0])
+    model.train().cnn = CNNRunner(chunk=3, checkpoint=True)
+    feats = model.embed_visual(raw)[0]
+    feats.sum().backward()
+    assert next(model.visual_cnn.parameters()).grad is not None
 
 
 def test_channels_last_cnns_compute_the_same_features_and_gradients():

@@ -14,10 +14,11 @@ from avmt.config import Config, DataConfig
 
 
 def random_clips(data: DataConfig, batch: int, device: torch.device | str, clips: int | None = None) -> tuple[Tensor, Tensor]:
-    """Random inputs of a training step: video ``[batch, T, 3, frames, crop, crop]`` and log-mel audio
-    ``[batch, T, 1, n_mels, mel_frames]``, float32 on ``device``; ``T = clips`` or ``data.num_clips``."""
+    """Random inputs of a training step as the loaders give them: video ``[batch, T, 3, frames, crop, crop]`` uint8 RGB
+    and log-mel audio ``[batch, T, 1, n_mels, mel_frames]`` float32, on ``device``; ``T = clips`` or
+    ``data.num_clips``."""
     t = clips if clips is not None else data.num_clips
-    video = torch.randn(batch, t, 3, data.frames, data.crop_size, data.crop_size, device=device)
+    video = torch.randint(0, 256, (batch, t, 3, data.frames, data.crop_size, data.crop_size), dtype=torch.uint8, device=device)
     audio = torch.randn(batch, t, 1, data.n_mels, data.mel_frames, device=device)
     return video, audio
 

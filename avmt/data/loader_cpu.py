@@ -2,8 +2,9 @@
 
 Batch contract (both loaders):
 
-- ``video [B, T, 3, F, crop, crop]`` float32, RGB scaled to [0, 1] then normalised with ``MEAN``/``STD``
-  (0.45 / 0.225 per channel, as the released AVBERT code);
+- ``video [B, T, 3, F, crop, crop]`` uint8 RGB (resized, cropped, flipped); the model normalises it on its
+  device (:func:`avmt.models.cnn.normalize_video`: mean 0.45, std 0.225 per channel, as the released AVBERT
+  code), so workers, pinned memory and the host-to-device copy move 4x fewer bytes than float32;
 - ``audio [B, T, 1, n_mels, mel_frames]`` float32 log-mel (:mod:`avmt.data.audio`), spec-augmented in train mode;
 - ``label [B]`` int64 (``label_index`` of the manifest), ``index [B]`` int64 (manifest row actually loaded);
 - ``failures [B]`` int64: how many samples failed and were replaced before this one loaded.
@@ -33,15 +34,16 @@ from avmt.data.clips import CropPlan, shard_indices
 from avmt.data.loader import LoaderError
 from avmt.data.manifest import load_manifest
 from avmt.data.media import read_frames
-from avmt.data.sample import MEAN, STD, SampleError, load_audio_clips, load_with_retries, plan_sample
+from avmt.data.sample import SampleError, load_audio_clips, load_with_retries, plan_sample
 
 log = logging.getLogger("avmt.data")
 
 
 def transform_frames(frames: Tensor, crop: CropPlan, num_clips: int) -> Tensor:
-    """``frames [T*F, H, W, 3]`` uint8 -> ``[T, 3, F, crop, crop]`` float32 normalised.
+    """``frames [T*F, H, W, 3]`` uint8 -> ``[T, 3, F, crop, crop]`` uint8.
 
-    Resize (bilinear, antialiased, on uint8 -- torch's fast path), crop, flip, then normalise."""
+    Resize (bilinear, antialiased, on uint8 -- torch's fast path), crop, flip; the normalisation to float runs on
+    the training device, in the model (:func:`avmt.models.cnn.normalize_video`)."""
     x = frames.permute(0, 3, 1, 2)  # [N, 3, H, W]
     if tuple(x.shape[-2:]) != crop.size:
         x = F.interpolate(
@@ -50,9 +52,6 @@ def transform_frames(frames: Tensor, crop: CropPlan, num_clips: int) -> Tensor:
     x = x[:, :, crop.top : crop.top + crop.crop, crop.left : crop.left + crop.crop]
     if crop.flip:
         x = x.flip(-1)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
-    x = (x.float() - mean) / std
     n = x.shape[0]
     return x.reshape(num_clips, n // num_clips, 3, crop.crop, crop.crop).transpose(1, 2).contiguous()
 

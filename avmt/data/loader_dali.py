@@ -8,7 +8,7 @@ Graph (``device_id`` = a GPU index: decode ``mixed`` -> GPU; ``device_id=None``:
                               resize (h, w), crop position, flip, audio windows [T, N] float32, label, index
     fn.decoders.video(bytes, frames=indices)          -> [T*F, H, W, 3] uint8     (FHWC)
     fn.resize(resize_y=h, resize_x=w, antialias)      -> [T*F, h, w, 3]
-    fn.crop_mirror_normalize(crop, pos, mirror, mean/std, output_layout=CFHW) -> [3, T*F, crop, crop] float32
+    fn.crop_mirror_normalize(crop, pos, mirror, dtype=UINT8, output_layout=CFHW) -> [3, T*F, crop, crop] uint8
     torch: reshape to [T, 3, F, crop, crop]; log_mel(audio) (+ spec_augment in train) -> [T, 1, n_mels, mel_frames]
 
 The decoded frames never leave the device: DALI outputs are copied device-to-device into torch tensors
@@ -40,7 +40,7 @@ from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
 from avmt.data.clips import shard_indices
 from avmt.data.manifest import load_manifest
-from avmt.data.sample import MEAN, STD, SampleError, load_audio_clips, load_with_retries, plan_sample
+from avmt.data.sample import SampleError, load_audio_clips, load_with_retries, plan_sample
 
 log = logging.getLogger("avmt.data")
 
@@ -197,16 +197,14 @@ class DALILoader:
             )
             video = fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=frames)  # FHWC uint8
             video = fn.resize(video, resize_y=size[0], resize_x=size[1], interp_type=types.INTERP_LINEAR, antialias=True)
-            video = fn.crop_mirror_normalize(
+            video = fn.crop_mirror_normalize(  # crop, flip and transpose only: uint8 out, normalised by the model
                 video,
                 crop_h=cfg.crop_size,
                 crop_w=cfg.crop_size,
                 crop_pos_y=pos[0],
                 crop_pos_x=pos[1],
                 mirror=flip,
-                mean=[m * 255 for m in MEAN],
-                std=[s * 255 for s in STD],
-                dtype=types.FLOAT,
+                dtype=types.UINT8,
                 output_layout="CFHW",
             )
             if gpu:
@@ -234,13 +232,13 @@ class DALILoader:
 
         gc.collect()  # the pipeline's callback refers back to this loader: a reference cycle
 
-    def _to_torch(self, out: Any) -> torch.Tensor:
+    def _to_torch(self, out: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         t = out.as_tensor()
         if self.device_id is None:
             return torch.from_numpy(np.array(t))
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        dst = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+        dst = torch.empty(t.shape(), dtype=dtype, device=self.device)
         feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
         return dst
 
@@ -279,7 +277,7 @@ class DALILoader:
                 continue
             self._source.pending.popleft()
             b = len(label_o)
-            video = self._to_torch(video_o)  # [B, 3, T*F, c, c]
+            video = self._to_torch(video_o, torch.uint8)  # [B, 3, T*F, c, c] uint8
             video = video.reshape(b, 3, cfg.num_clips, cfg.frames, cfg.crop_size, cfg.crop_size).permute(0, 2, 1, 3, 4, 5)
             wave = self._to_torch(audio_o).to(self.device)  # [B, T, N]
             audio = log_mel(wave, self.mel, self.fbank)

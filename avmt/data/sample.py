@@ -19,9 +19,6 @@ log = logging.getLogger("avmt.data")
 
 T = TypeVar("T")
 
-MEAN = (0.45, 0.45, 0.45)
-STD = (0.225, 0.225, 0.225)
-
 
 def plan_sample(rec: Record, cfg: DataConfig, train: bool, rng: np.random.Generator | None) -> tuple[SequencePlan, CropPlan]:
     """The sequence and crop plan of manifest record ``rec`` (the same in both loaders for the same rng)."""

@@ -150,7 +150,7 @@ class CNNRunner:
 
     def _run(self, cnn: nn.Module, clips: Tensor) -> Tensor:
         if clips.shape[0] == 0:  # e.g. every clip of the batch drew "with gradients"
-            return clips.new_zeros(0, cnn.out_features)
+            return clips.new_zeros(0, cnn.out_features, dtype=clips.dtype if clips.is_floating_point() else torch.float32)
         if self.channels_last and clips.dim() in (4, 5):
             clips = clips.contiguous(memory_format=torch.channels_last if clips.dim() == 4 else torch.channels_last_3d)
         parts = clips.split(self.chunk) if self.chunk else (clips,)
@@ -288,7 +288,8 @@ class AVBert(nn.Module):
     def embed_visual(
         self, video: Tensor, clip_mask: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``video [B, T, 3, F, H, W]`` -> (features ``[B, T, 32*visual_width]``, tokens ``[B, T, D]``). ``generator``
+        """``video [B, T, 3, F, H, W]`` uint8 RGB (normalised on its device, per CNN chunk) or float already normalised
+        -> (features ``[B, T, 32*visual_width]``, tokens ``[B, T, D]``). ``generator``
         draws the clips that get gradients when ``self.cnn.clips_with_grad`` is set (default: the global RNG)."""
         _check_clips("video", video, 6, "[B, T, 3, frames, height, width]", 3, self.cfg.max_clips, clip_mask)
         return self._per_clip(self.visual_cnn, self.visual_proj, video, clip_mask, generator)
@@ -374,8 +375,8 @@ class AVBert(nn.Module):
 def _check_clips(name: str, x: Tensor, ndim: int, layout: str, channels: int, max_clips: int, clip_mask: Tensor | None) -> None:
     if x.dim() != ndim or x.shape[2] != channels:
         raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not (x.is_floating_point() or (name == "video" and x.dtype == torch.uint8)):
+        raise ValueError(f"{name} must be a floating-point tensor{' or uint8 RGB' if name == 'video' else ''}, got {x.dtype}")
     b, t = x.shape[:2]
     if not 1 <= t <= max_clips:
         raise ValueError(f"{name} has T={t} clips; this model accepts 1..{max_clips} (model.max_clips)")
