@@ -196,7 +196,9 @@ class DataConfig(_Section):
     mel_frames: int = _field(128, POSITIVE)  # log-mel frames per clip window
     spec_mask_rate: float = _field(0.05, PROBABILITY)  # max width of frequency/time masks, as a fraction
     manifest: str = ""  # a prepared manifest.jsonl (python -m avmt.data.prepare); "" = the synthetic dataset
-    num_workers: int = _field(2, NON_NEGATIVE)  # CPU loader worker processes (DALI: its thread pool size, at least 1)
+    # CPU loader worker processes (DALI: its thread pool size, at least 1); -1: the cores this process may use, shared
+    # between the processes of this machine under torchrun (avmt.data.loader.worker_count); 0: load in the main process
+    num_workers: int = _field(-1, (lambda v: v >= -1, "-1 (auto), 0 (in the main process) or a number of workers"))
     # auto: DALI on a CUDA device when it imports, else the PyAV CPU loader; dali: raises where it cannot run
     # (without CUDA it is DALI's CPU pipeline, VP9/MJPEG only). See avmt.data.loader.
     loader: Literal["auto", "cpu", "dali"] = "auto"

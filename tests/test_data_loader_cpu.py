@@ -115,3 +115,28 @@ def test_cpu_loader_memory_stays_flat(webm):
     growth = rss_mib() - before
     # Calibrated: ~0 MiB here; never closing the containers (a leak) grows it by ~40 MiB.
     assert growth < 15, f"RSS grew by {growth:.1f} MiB over 60 sequences: a decoder or container leaks"
+
+
+def test_persistent_workers_give_the_same_epochs_as_fresh_ones(webm):
+    """With pinning (what build_loader asks for on CUDA) the workers live across epochs; their copy of the dataset
+    never sees set_epoch, so the epoch travels with each key: epochs and a mid-epoch resume match fresh workers."""
+    import warnings
+
+    cfg = TEST_CFG
+    fresh = CPULoader(webm, cfg, B, train=True, seed=3, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "pin_memory ... no accelerator is found" on a CPU-only machine
+        kept = CPULoader(webm, cfg, B, train=True, seed=3, num_workers=2, pin_memory=True)
+        assert kept.persistent
+        for epoch in (0, 1):
+            fresh.set_epoch(epoch)
+            kept.set_epoch(epoch)
+            a, b = list(fresh.iterate()), list(kept.iterate())
+            assert len(a) == len(b) and all(torch.equal(x["video"], y["video"]) for x, y in zip(a, b))
+            assert all(torch.equal(x["audio"], y["audio"]) for x, y in zip(a, b))
+        workers = kept._dl._iterator._workers if kept._dl._iterator is not None else []
+        assert workers and all(w.is_alive() for w in workers)  # the same processes, still there
+        b1 = list(kept.iterate(1))
+        assert torch.equal(b1[0]["index"], a[1]["index"]) and torch.equal(b1[0]["video"], a[1]["video"])
+        kept.close()
+        assert kept._dl is None

@@ -15,6 +15,7 @@ mid-epoch without decoding the skipped batches) and the running count ``loader.f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -100,6 +101,15 @@ def check_dali_cpu_codecs(records: Sequence[dict]) -> None:
         )
 
 
+def worker_count(num_workers: int) -> int:
+    """``data.num_workers`` resolved: -1 is the cores this process may use (its CPU affinity), divided between the
+    ``LOCAL_WORLD_SIZE`` processes torchrun starts on this machine; other values as given."""
+    if num_workers >= 0:
+        return num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def check_records(records: Sequence[dict], cfg: DataConfig) -> None:
     """Raise LoaderError, before any decoding, if ``records`` cannot feed ``cfg``: audio extracted at another
     sample rate than ``data.sample_rate`` (every sample would fail, one by one, after retries)."""
@@ -147,7 +157,8 @@ def build_loader(
             batch_size,
             train=train,
             seed=seed,
-            num_workers=cfg.num_workers,
+            num_workers=worker_count(cfg.num_workers),
+            pin_memory=device.type == "cuda",  # page-locked batches: an asynchronous host-to-device copy
             shard_id=shard_id,
             num_shards=num_shards,
             drop_last=drop_last,
@@ -169,6 +180,6 @@ def build_loader(
         device_id=device_id,
         shard_id=shard_id,
         num_shards=num_shards,
-        num_threads=max(1, cfg.num_workers),
+        num_threads=max(1, worker_count(cfg.num_workers)),
         drop_last=drop_last,
     )

@@ -92,17 +92,36 @@ class SequenceDataset(torch.utils.data.Dataset):
             "index": torch.tensor(i, dtype=torch.int64),
         }
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        out, failed = load_with_retries(self.load, int(i), self.records, self.seed, self.epoch, self.train, self.max_retries)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        """Sample ``key`` = row ``i`` (of the current epoch) or ``(epoch, i)`` (what the CPU loader's sampler yields,
+        so that persistent workers, whose copy of the dataset never sees ``set_epoch``, draw the right epoch)."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        out, failed = load_with_retries(self.load, int(i), self.records, self.seed, int(epoch), self.train, self.max_retries)
         out["failures"] = torch.tensor(failed, dtype=torch.int64)
         return out
+
+
+class _KeySampler(torch.utils.data.Sampler):
+    """The ``(epoch, row)`` keys of the batches to load, set by :meth:`CPULoader.iterate` before each pass (a
+    persistent DataLoader reads its sampler anew at every ``iter``)."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(list(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 class CPULoader:
     """Batches of the contract above from PyAV decoding in ``num_workers`` DataLoader workers.
 
     ``shard_id``/``num_shards`` split each epoch between DDP ranks (:func:`avmt.data.clips.shard_indices`).
-    ``failures`` is the running count of replaced samples seen by this loader.
+    ``failures`` is the running count of replaced samples seen by this loader. ``pin_memory`` (set by
+    :func:`avmt.data.loader.build_loader` for a CUDA device) gives page-locked batches and keeps the worker
+    processes alive across epochs (they are not restarted each epoch); :meth:`close` ends them.
     """
 
     def __init__(
@@ -117,19 +136,24 @@ class CPULoader:
         num_shards: int = 1,
         drop_last: bool = False,
         max_retries: int = 10,
+        pin_memory: bool = False,
     ):
         self.dataset = SequenceDataset(manifest, cfg, train, seed, max_retries)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.num_workers, self.shard_id, self.num_shards, self.drop_last = num_workers, shard_id, num_shards, drop_last
+        self.pin_memory, self.persistent = pin_memory, pin_memory and num_workers > 0
         self.epoch = 0
         self.failures = 0
+        self._sampler = _KeySampler()
+        self._dl: torch.utils.data.DataLoader | None = None  # kept across epochs when its workers persist
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
     def close(self) -> None:
-        """Nothing to free (worker processes live only while an epoch is iterated); the DALI loader's interface."""
+        """End persistent worker processes now (without them, workers live only while an epoch is iterated)."""
+        self._dl = None
 
     def indices(self) -> np.ndarray:
         return shard_indices(len(self.dataset), self.epoch, self.seed, self.train, self.shard_id, self.num_shards)
@@ -143,18 +167,23 @@ class CPULoader:
 
     def iterate(self, start_batch: int = 0) -> Iterator[dict[str, Any]]:
         """The epoch's batches from batch ``start_batch`` on (resuming mid-epoch decodes nothing it skips)."""
-        dl = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=self.indices()[start_batch * self.batch_size :].tolist(),
-            num_workers=self.num_workers,
-            drop_last=self.drop_last,
-            persistent_workers=False,
-            prefetch_factor=2 if self.num_workers else None,
-            # own generator: a DataLoader draws its base seed from the global RNG otherwise, which would shift the
-            # model's dropout stream and break exact resumption (per-sample randomness comes from sample_rng)
-            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
-        )
+        self._sampler.keys = [(self.epoch, int(i)) for i in self.indices()[start_batch * self.batch_size :]]
+        dl = self._dl if self.persistent else None
+        if dl is None:
+            dl = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=self._sampler,
+                num_workers=self.num_workers,
+                drop_last=self.drop_last,
+                persistent_workers=self.persistent,
+                pin_memory=self.pin_memory,
+                prefetch_factor=2 if self.num_workers else None,
+                # own generator: a DataLoader draws its base seed from the global RNG otherwise, which would shift the
+                # model's dropout stream and break exact resumption (per-sample randomness comes from sample_rng)
+                generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
+            )
+            self._dl = dl if self.persistent else None
         try:
             yield from self._count_failures(dl)
         except SampleError as e:  # from a worker, its message wrapped in the worker's traceback: keep the reason
