@@ -33,6 +33,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from avmt.data.media import MediaError, probe_and_extract, write_flac
+from avmt.data.transcode import TranscodeSettings, transcode_video
 
 REASONS = (
     "empty",
@@ -53,6 +55,7 @@ REASONS = (
     "bad_span",
     "not_regular_file",
     "timeout",
+    "transcode",
     "error",
 )
 
@@ -73,6 +76,12 @@ class Summary:
     kept: int = 0
     rejected: int = 0
     processed: int = 0  # files probed in this run (the rest were already done)
+    # with --transcode, over every kept record: bytes of the originals and of their transcoded copies, the seconds
+    # the transcodes took (the worker's own clock) and the hours of video
+    source_bytes: int = 0
+    transcoded_bytes: int = 0
+    transcode_seconds: float = 0.0
+    video_hours: float = 0.0
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -176,9 +185,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _process(args: tuple[Item, str, int, float, float]) -> dict:
-    """Probe one file and write its FLAC; returns a kept record (``reason`` None) or a rejected one."""
-    item, out, sample_rate, min_seconds, timeout_s = args
+def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]) -> dict:
+    """Probe one file, write its FLAC (and its transcoded video); returns a kept record (``reason`` None) or a
+    rejected one."""
+    item, out, sample_rate, min_seconds, timeout_s, transcode = args
     st = _stat(item.path)
     base = {
         "path": item.path,
@@ -208,9 +218,24 @@ def _process(args: tuple[Item, str, int, float, float]) -> dict:
         tmp = flac.with_name(flac.name + ".part.flac")
         write_flac(tmp, audio, sample_rate)
         os.replace(tmp, flac)
-        return base | {"reason": None, "id": key, "audio": str(flac), "start": start, "end": end, **meta}
+        rec = base | {"reason": None, "id": key, "audio": str(flac), "start": start, "end": end, **meta}
+        if transcode is None:
+            return rec
+        t0 = time.perf_counter()
+        with _time_limit(timeout_s):
+            video = transcode_video(item.path, Path(out) / "video" / f"{key}.mp4", transcode)
+        source = {k: meta[k] for k in ("fps", "num_frames", "width", "height", "video_codec")} | {"path": item.path, "size": base["size"]}
+        return (
+            rec
+            | video
+            | {"path": str(Path(out) / "video" / f"{key}.mp4"), "source": source, "transcode": transcode.to_dict()}
+            | {"transcode_seconds": round(time.perf_counter() - t0, 3)}
+        )
     except _ProbeTimeout:
-        return base | {"reason": "timeout", "detail": f"probing and decoding took longer than {timeout_s:g} s (--probe-timeout)"}
+        return base | {
+            "reason": "timeout",
+            "detail": f"probing, decoding or transcoding took longer than {timeout_s:g} s (--probe-timeout)",
+        }
     except MediaError as e:
         return base | {"reason": e.reason, "detail": e.detail}
     except Exception as e:
@@ -237,10 +262,13 @@ def prepare(
     workers: int = 1,
     progress: bool = True,
     timeout_s: float = 300.0,
+    transcode: TranscodeSettings | None = None,
 ) -> Summary:
     """Process ``items`` into ``out`` (see the module docstring); returns the counts of this run. ``timeout_s``
-    bounds each file's probe and audio extraction (0: no bound). Paths are recorded absolute, so the manifest works
-    from any folder."""
+    bounds each file's probe, audio extraction and transcode (0: no bound). Paths are recorded absolute, so the
+    manifest works from any folder. ``transcode``: also re-encode every kept video into ``out/video/``
+    (:mod:`avmt.data.transcode`); the record's ``path`` is then the transcoded file, ``source`` the original's path,
+    size and video fields, ``transcode`` the settings (a re-run with other settings redoes the file)."""
     from tqdm import tqdm
 
     out = Path(out).resolve()
@@ -249,7 +277,7 @@ def prepare(
     man_path, rej_path = out / "manifest.jsonl", out / "rejected.jsonl"
     previous: dict[str, dict] = {}
     for rec in _load(man_path) + _load(rej_path):
-        previous[rec["path"]] = rec
+        previous[_input_path(rec)] = rec
     summary = Summary(total=len(items))
     done: dict[str, dict] = {}
     todo: list[Item] = []
@@ -266,19 +294,28 @@ def prepare(
             and rec.get("size") == st[0]
             and rec.get("mtime_ns") == st[1]
             and rec.get("span") == [it.start, it.end]
-            and (rec.get("reason") is not None or Path(rec["audio"]).exists())
+            and (
+                rec.get("reason") is not None
+                or (
+                    Path(rec["audio"]).exists()
+                    and rec.get("transcode") == (transcode.to_dict() if transcode else None)
+                    and Path(rec["path"]).exists()
+                )
+            )
         )
         if fresh:
             done[it.path] = rec
         else:
             todo.append(it)
     summary.skipped = len(done)
-    jobs = [(it, str(out), sample_rate, min_seconds, timeout_s) for it in todo]
+    jobs = [(it, str(out), sample_rate, min_seconds, timeout_s, transcode) for it in todo]
+    if transcode is not None:
+        (out / "video").mkdir(exist_ok=True)
     bar = tqdm(total=len(items), initial=len(done), desc="prepare", unit="file", disable=not progress)
     with open(man_path, "a") as fm, open(rej_path, "a") as fr:
 
         def record(rec: dict) -> None:
-            done[rec["path"]] = rec
+            done[_input_path(rec)] = rec
             (fr if rec.get("reason") else fm).write(json.dumps(rec) + "\n")
             (fr if rec.get("reason") else fm).flush()
             summary.processed += 1
@@ -307,7 +344,18 @@ def prepare(
     summary.kept, summary.rejected = len(kept), len(rejected)
     for r in rejected:
         summary.reasons[r.get("reason")] = summary.reasons.get(r.get("reason"), 0) + 1
+    transcoded = [r for r in kept if r.get("transcode")]
+    if transcoded:
+        summary.source_bytes = sum(r["source"]["size"] or 0 for r in transcoded)
+        summary.transcoded_bytes = sum(Path(r["path"]).stat().st_size for r in transcoded)
+        summary.transcode_seconds = sum(r.get("transcode_seconds", 0.0) for r in transcoded)
+        summary.video_hours = sum(r["source"]["num_frames"] / r["source"]["fps"] for r in transcoded) / 3600
     return summary
+
+
+def _input_path(rec: dict) -> str:
+    """The input file a record is about (a transcoded record's ``path`` is its output)."""
+    return (rec.get("source") or {}).get("path") or rec["path"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-seconds", type=float, default=2.0, help="shorter files are rejected (default: one paper clip)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--probe-timeout", type=float, default=300.0, help="seconds per file before it is rejected as 'timeout' (0: none)")
+    p.add_argument("--transcode", action="store_true", help="re-encode every kept video once to the training size and rate (H.264 mp4)")
+    p.add_argument("--preset", default="paper", help="the config whose data settings set the --transcode defaults (default paper)")
+    p.add_argument("--short-side", type=int, default=None, help="transcoded short side in px (default: the preset's largest train scale)")
+    p.add_argument("--fps", type=float, default=None, help="transcoded constant frame rate (default: the preset's data.fps)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     a = p.parse_args(argv)
@@ -333,8 +385,22 @@ def main(argv: list[str] | None = None) -> int:
     if a.sample_rate <= 0 or a.min_seconds <= 0 or a.workers < 1 or a.probe_timeout < 0:
         print("error: --sample-rate and --min-seconds must be > 0, --workers >= 1, --probe-timeout >= 0", file=sys.stderr)
         return 2
+    transcode = None
+    if a.transcode:
+        from avmt.config import ConfigError, load_config
+
+        try:
+            data = load_config(a.preset).data
+            short = a.short_side if a.short_side is not None else data.scale_range[1]
+            transcode = TranscodeSettings(short, a.fps if a.fps is not None else data.fps)
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif a.short_side is not None or a.fps is not None:
+        print("error: --short-side and --fps set what --transcode writes; pass --transcode", file=sys.stderr)
+        return 2
     try:
-        s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, progress=not a.quiet, timeout_s=a.probe_timeout)
+        s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, not a.quiet, a.probe_timeout, transcode)
     except (ValueError, OSError) as e:  # an input listed twice; --out not writable, a full disk
         if a.debug:
             raise
@@ -345,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{s.total} files: {s.kept} kept, {s.rejected} rejected ({reasons}); processed {s.processed}, "
         f"already done {s.skipped}; manifest {a.out / 'manifest.jsonl'}"
     )
+    if transcode is not None and s.video_hours > 0:
+        print(
+            f"transcoded to {transcode.short_side} px, {transcode.fps:g} fps: {s.transcoded_bytes / 2**20:.3g} MiB for "
+            f"{s.source_bytes / 2**20:.3g} MiB of originals ({s.transcoded_bytes / 2**30 / s.video_hours:.2f} GiB per hour of "
+            f"video); {s.transcode_seconds / s.video_hours / 60:.1f} min of one worker per hour of video"
+        )
     return 0
 
 

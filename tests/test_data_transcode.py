@@ -1,0 +1,87 @@
+"""avmt.data.transcode and prepare --transcode: size, constant frame rate, keyframe grid, resumability, failures."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import numpy as np
+import pytest
+from data_fixtures import SR, TEST_CFG, check_contract, make_synth
+
+from avmt.data.loader_cpu import CPULoader
+from avmt.data.manifest import load_manifest
+from avmt.data.media import MediaError, read_frames
+from avmt.data.prepare import main, prepare, scan_root
+from avmt.data.transcode import TranscodeSettings, output_size, transcode_video
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    return make_synth(tmp_path_factory.mktemp("tc") / "videos", "mp4", count=2, seconds=6.0)
+
+
+def _keyframes(path):
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        flags = [p.is_keyframe for p in c.demux(vs) if p.size]
+        return flags, vs.codec_context.name, (vs.codec_context.width, vs.codec_context.height), float(vs.average_rate)
+
+
+def test_output_size_keeps_the_aspect_never_upscales_and_is_even():
+    assert output_size(1280, 720, 128) == (228, 128)
+    assert output_size(720, 1280, 128) == (128, 228)
+    assert output_size(64, 48, 128) == (64, 48)  # smaller than asked: kept
+    assert output_size(101, 75, 50) == (68, 50)
+
+
+@pytest.mark.parametrize("fps", [8.0, 4.0, 12.5])
+def test_constant_rate_h264_with_a_keyframe_every_second(videos, tmp_path, fps):
+    src = next(videos.rglob("*.mp4"))
+    meta = transcode_video(src, tmp_path / "out.mp4", TranscodeSettings(short_side=32, fps=fps))
+    flags, codec, size, rate = _keyframes(tmp_path / "out.mp4")
+    assert (codec, size, rate) == ("h264", (32, 32), fps) and meta["width"] == meta["height"] == 32
+    assert meta["num_frames"] == len(flags) == round(6.0 * fps)  # 6 s at the new rate: frames repeated or dropped
+    gop = round(fps)
+    assert [i for i, k in enumerate(flags) if k] == list(range(0, len(flags), gop))
+    assert not list(tmp_path.glob("*.part*"))
+    frames = read_frames(tmp_path / "out.mp4", np.arange(meta["num_frames"]), fps)
+    assert frames.shape == (meta["num_frames"], 32, 32, 3)
+
+
+def test_a_file_that_cannot_be_transcoded_leaves_nothing(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    with pytest.raises(MediaError) as e:
+        transcode_video(bad, tmp_path / "out.mp4", TranscodeSettings(short_side=32, fps=8))
+    assert e.value.reason == "transcode"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mp4"]
+
+
+def test_prepare_transcode_records_both_files_resumes_and_feeds_the_loader(videos, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    settings = TranscodeSettings(short_side=64, fps=8)
+    s = prepare(scan_root(videos), out, sample_rate=SR, min_seconds=2.0, transcode=settings, progress=False)
+    assert s.kept == 2 and s.transcoded_bytes > 0 and s.video_hours == pytest.approx(12 / 3600)
+    recs = load_manifest(out)
+    for r in recs:
+        assert r["path"].startswith(str(out / "video")) and r["video_codec"] == "h264" and r["transcode"] == settings.to_dict()
+        assert r["source"]["path"].startswith(str(videos)) and r["source"]["size"] > 0
+    (out / "video" / "leftover.mp4.part.mp4").write_bytes(b"half")  # what a kill mid-transcode leaves
+    again = prepare(scan_root(videos), out, sample_rate=SR, min_seconds=2.0, transcode=settings, progress=False)
+    assert again.processed == 0 and again.skipped == 2  # resumed: nothing redone
+    other = prepare(scan_root(videos), out, sample_rate=SR, min_seconds=2.0, transcode=TranscodeSettings(64, 4.0), progress=False)
+    assert other.processed == 2 and {r["fps"] for r in load_manifest(out)} == {4.0}  # new settings: redone
+    batches = list(CPULoader(out, TEST_CFG, 2, train=False, num_workers=0))
+    check_contract(batches[0], TEST_CFG, 2)
+    assert main(["--root", str(videos), "--out", str(tmp_path / "cli"), "--transcode", "--short-side", "32", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "transcoded to 32 px, 16 fps" in printed and "per hour of video" in printed  # --fps: the paper preset's 16
+    assert json.loads((tmp_path / "cli" / "manifest.jsonl").read_text().splitlines()[0])["fps"] == 16.0
+
+
+def test_transcode_options_need_transcode(videos, tmp_path, capsys):
+    assert main(["--root", str(videos), "--out", str(tmp_path / "x"), "--short-side", "32"]) == 2
+    assert "pass --transcode" in capsys.readouterr().err
+    assert main(["--root", str(videos), "--out", str(tmp_path / "x"), "--transcode", "--fps", "0"]) == 2
+    assert "expected short_side >= 2, fps > 0" in capsys.readouterr().err
