@@ -1,7 +1,7 @@
 """Prepare a folder of videos for training: probe every file, extract its audio, record kept and rejected files.
 
 ``python -m avmt.data.prepare (--root DIR | --csv FILE) --out OUT [--sample-rate 44100] [--min-seconds 2]
-[--workers 2]``
+[--workers 4] [--probe-timeout 300] [--transcode [--short-side N] [--fps F] [--preset paper]]``
 
 - ``--root DIR``: every file under ``DIR/<label>/`` (any depth below the class folder) is an input; files
   directly in ``DIR`` are rejected with reason ``no_label``.
@@ -13,7 +13,12 @@ Outputs in ``OUT``: ``manifest.jsonl`` (one JSON object per kept file: ``id``, `
 of the usable span and the probe metadata from :func:`avmt.data.media.probe_and_extract`), ``rejected.jsonl``
 (``path``, ``label``, ``reason``, ``detail``) and ``labels.json`` (label -> index, sorted names). Every input
 ends in exactly one of the two files. Reasons: ``empty``, ``unreadable``, ``not_a_video``, ``truncated``,
-``no_audio``, ``undecodable``, ``too_short``, ``no_label``, ``bad_span``, ``error`` (anything unexpected).
+``no_audio``, ``undecodable``, ``too_short``, ``no_label``, ``bad_span``, ``not_regular_file``, ``timeout``,
+``transcode``, ``error`` (anything unexpected).
+
+``--transcode [--short-side N] [--fps F] [--preset P]``: also re-encode every kept video once into ``OUT/video/``
+(:mod:`avmt.data.transcode`; defaults: the preset's largest train scale and ``data.fps``); its record's ``path`` is
+then the transcoded file and ``source`` the original.
 
 Resumable: results are appended as they finish; a re-run keeps every record whose file size and mtime
 are unchanged (and whose FLAC exists) and only processes the rest.
