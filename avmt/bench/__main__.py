@@ -19,7 +19,7 @@ from pathlib import Path
 
 from avmt.config import SHARING_SCHEMES, Config, ConfigError, add_config_arguments, config_from_args
 
-SUITE = ("test_bench_memory.py", "test_bench_step.py", "test_bench_lowrank.py", "test_bench_sampling.py")
+SUITE = ("test_bench_memory.py", "test_bench_step.py", "test_bench_lowrank.py", "test_bench_sampling.py", "test_bench_loader.py")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -5,8 +5,9 @@ Reads every ``*.json`` given (files or folders, default ``benchmarks/results``):
 - pytest-benchmark JSON (``--benchmark-json``): each benchmark's ``extra_info`` says what it measured —
   ``kind="memory"`` (:mod:`avmt.bench.memory` records), ``kind="step"`` (training-step time),
   ``kind="largest_batch"``, the low-rank kernel sweep (``impl`` = triton / reference / compiled) and the
-  negative-sampling sweep (``backend``); the file's ``avmt`` block (device, versions, command, date) is quoted;
-- the summary JSON of ``benchmarks/bench_loader.py`` (``"bench": "cpu_loader"``) and of the sampling sweep
+  negative-sampling sweep (``backend``), ``kind="loader"`` (the loader fed three ways); the file's ``avmt`` block
+  (device, versions, command, date) is quoted;
+- the summary JSON of the removed ``benchmarks/bench_loader.py`` (``"bench": "cpu_loader"``) and of the sampling sweep
   (``"benchmark": "sample_negatives..."``).
 
 Where the same case was measured more than once, full-mode runs win over quick ones, then the newest.
@@ -657,8 +658,32 @@ def _sampling_section(res: Results) -> list[str]:
 
 def _loader_section(res: Results) -> list[str]:
     md = ["## Data loader (collected)", ""]
+    recs = _latest([r for r in res.records if r.info.get("kind") == "loader"], lambda r: r.info["case"])
+    if recs:
+        by_case = {r.info["case"]: r.info for r in recs}
+        orig = by_case.get("original", {}).get("sequences_per_s")
+        rows = [
+            [
+                f"`{case}`",
+                i["video"],
+                f"{i['keyframe_seconds']:g} s",
+                f"{i['sequences_per_s']:.3g}",
+                f"{i['sequences_per_s_per_core']:.3g}",
+                f"{i['sequences_per_s'] / orig:.1f}×" if orig else "-",
+                f"{i['data_wait_share_small']:.0%}",
+                str(i["workers"]),
+            ]
+            for case, i in by_case.items()
+        ]
+        md += [
+            "CPU loader at the paper data settings (T=15 × 32 frames at 16 fps, 112², 80×128 log-mel), the same generated "
+            "videos fed three ways (`benchmarks/test_bench_loader.py`):",
+            "",
+            _table(["case", "video", "keyframes", "sequences/s", "per worker", "vs original", "small-run data wait", "workers"], rows),
+            "",
+        ]
     if not res.loader:
-        return md + ["No loader results.", ""]
+        return md + (["No results of the earlier bench_loader.py script.", ""] if recs else ["No loader results.", ""])
     rows = [
         [
             Path(d["path"]).name,
@@ -673,7 +698,7 @@ def _loader_section(res: Results) -> list[str]:
         for d in res.loader
     ]
     return md + [
-        "CPU (PyAV) loader at the paper shapes (T=15 × 32 frames, 112², 80×128 log-mel).",
+        "Earlier runs of the removed `benchmarks/bench_loader.py` (CPU loader at the paper shapes, float32 batches):",
         "",
         _table(["file", "sequences/s", "s/sequence", "batch", "workers", "cpus", "mode", "date"], rows),
         "",

@@ -61,6 +61,8 @@ class SequenceDataset(torch.utils.data.Dataset):
     without the batch dimension). Randomness comes from ``sample_rng(seed, epoch, i, attempt)``, so a
     sample is reproducible in any worker; call :meth:`set_epoch` between epochs."""
 
+    frame_reader = staticmethod(read_frames)  # (path, frame indices, fps) -> [n, H, W, 3] uint8; the loader benchmark swaps it
+
     def __init__(self, manifest: str | Path | Sequence[dict], cfg: DataConfig, train: bool, seed: int = 0, max_retries: int = 10):
         self.records = list(manifest) if not isinstance(manifest, (str, Path)) else load_manifest(manifest)
         self.cfg, self.train, self.seed, self.max_retries = cfg, train, seed, max_retries
@@ -78,7 +80,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         """Load row ``i`` (raises on any failure)."""
         rec = self.records[i]
         seq, crop = plan_sample(rec, self.cfg, self.train, rng)
-        frames = read_frames(rec["path"], seq.frame_indices.reshape(-1), rec["fps"])
+        frames = self.frame_reader(rec["path"], seq.frame_indices.reshape(-1), rec["fps"])
         video = transform_frames(torch.from_numpy(frames), crop, self.cfg.num_clips)
         wave = torch.from_numpy(load_audio_clips(rec, seq, self.cfg.sample_rate))
         audio = log_mel(wave, self.mel, self.fbank)

@@ -1,0 +1,170 @@
+"""The CPU loader fed three ways, side by side on the same generated videos (docs/data.md, "Transcoding").
+
+- ``original``: the originals as a user has them (full: 1280x720 H.264 at 25 fps, a keyframe every 10 s);
+- ``transcoded``: their ``prepare --transcode`` copies (the paper data config: 160-px short side, 16 fps, a keyframe
+  every second);
+- ``decode_whole``: the originals, each sequence decoded from the file's first frame to its last and the frames
+  picked afterwards (the released AVBERT code's method), the rest of the pipeline unchanged.
+
+Each case reports sequences per second at the paper data settings (T=15 clips x 32 frames at 16 fps, 112^2
+crops, 80 x 128 log-mel, train mode) with the loader's default worker count, and the share of time a short
+training run (the ``small`` preset, batch 4, audio at 44.1 kHz as prepared) fed by it waits for data. Quick mode
+(CI) shrinks the videos and the counts so that it only proves the benchmark runs; keep numbers from ``--full``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avmt.config import load_config
+from avmt.data.loader import worker_count
+from avmt.data.loader_cpu import CPULoader, SequenceDataset
+from avmt.data.manifest import load_manifest
+from avmt.data.prepare import prepare, scan_root
+from avmt.data.synth import SynthSpec, generate
+from avmt.data.transcode import TranscodeSettings
+
+CASES = ("original", "transcoded", "decode_whole")
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    original: Path  # prepared manifest of the originals
+    transcoded: Path  # prepared manifest of their transcoded copies
+    width: int
+    height: int
+    keyframe_seconds: float
+    videos: int
+    seconds: float
+    transcode_wall_s: float  # prepare --transcode of all videos (probe + FLAC + transcode), wall clock
+
+
+def _upscale(src: Path, dst: Path, width: int, height: int, keyframe_seconds: float) -> None:
+    """``src`` re-encoded at ``width`` x ``height`` (stretched: the content does not matter here) with a keyframe every
+    ``keyframe_seconds``, audio copied: a user's file (synth renders small square frames; 720p in memory would not fit)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4") as out:
+        vin, ain = inp.streams.video[0], inp.streams.audio[0]
+        rate = vin.average_rate
+        vout = out.add_stream("libx264", rate=rate)
+        vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
+        gop = str(round(keyframe_seconds * float(rate)))
+        vout.codec_context.options = {"preset": "veryfast", "crf": "23", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+        aout = out.add_stream_from_template(ain)
+        for packet in inp.demux(vin, ain):
+            if packet.stream is ain:
+                if packet.dts is not None:
+                    packet.stream = aout
+                    out.mux(packet)
+                continue
+            for frame in packet.decode():
+                frame = frame.reformat(width=width, height=height, format="yuv420p")
+                frame.pict_type = 0
+                for p in vout.encode(frame):
+                    out.mux(p)
+        for p in vout.encode(None):
+            out.mux(p)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, request) -> Inputs:
+    full = bool(request.config.getoption("--full"))
+    cfg = load_config("paper").data
+    root = tmp_path_factory.mktemp("loader")
+    videos, seconds = (4, 40.0) if full else (2, 32.0)
+    width, height = (1280, 720) if full else (256, 144)
+    spec = SynthSpec(seconds=seconds, size=128, fps=25, sample_rate=cfg.sample_rate, num_classes=2, format="mp4", seed=0)
+    generate(root / "small", videos, spec, workers=worker_count(-1), progress=False)
+    for src in sorted((root / "small").rglob("*.mp4")):
+        dst = root / "originals" / src.parent.name / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _upscale(src, dst, width, height, keyframe_seconds=10.0)
+    items = scan_root(root / "originals")
+    prepare(items, root / "original", cfg.sample_rate, 2.0, workers=worker_count(-1), progress=False)
+    settings = TranscodeSettings(cfg.scale_range[1], cfg.fps)
+    t0 = time.perf_counter()
+    prepare(items, root / "transcoded", cfg.sample_rate, 2.0, workers=worker_count(-1), progress=False, transcode=settings)
+    wall = time.perf_counter() - t0
+    return Inputs(root / "original" / "manifest.jsonl", root / "transcoded" / "manifest.jsonl", width, height, 10.0, videos, seconds, wall)
+
+
+def _read_whole(path, indices, fps, **kwargs) -> np.ndarray:
+    """The released code's method: decode the whole file, then pick the sequence's frames."""
+    import av
+
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        vs.thread_type = "AUTO"
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(vs)]
+    idx = np.clip(np.asarray(indices), 0, len(frames) - 1)
+    return np.stack([frames[j] for j in idx])
+
+
+def _batches(loader: CPULoader, count: int):
+    """``count`` batches, epoch after epoch (the loader's epoch advances when one ends)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader.iterate():
+            yield batch
+            count -= 1
+            if count == 0:
+                return
+        epoch += 1
+
+
+def _data_wait_share(case: str, inputs: Inputs, tmp: Path, steps: int) -> float:
+    """The ``small`` preset trained for ``steps`` steps on the case's files: the summary's data-wait share."""
+    from avmt.train import train
+
+    manifest = inputs.transcoded if case == "transcoded" else inputs.original
+    batch = min(4, inputs.videos)
+    overrides = [f"data.manifest={manifest}", f"train.run_dir={tmp / case}", f"train.batch_size={batch}", f"train.max_steps={steps}"]
+    cfg = load_config("small", overrides=[*overrides, "data.sample_rate=44100", "train.warmup_steps=1", "train.save_every=1000000"])
+    return train(cfg, resume=False, progress=False)["data_wait_share"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loader(benchmark, full, inputs, case, tmp_path, summary_line, monkeypatch):
+    cfg = load_config("paper").data
+    batch, batches, steps = (2, 8, 8) if full else (1, 2, 2)
+    if case == "decode_whole":  # the same pipeline with the whole-file frame reader, here and in the training run
+        monkeypatch.setattr(SequenceDataset, "frame_reader", staticmethod(_read_whole))
+    manifest = inputs.transcoded if case == "transcoded" else inputs.original
+    loader = CPULoader(manifest, cfg, batch, train=True, seed=0, num_workers=worker_count(-1), drop_last=True)
+    stream = _batches(loader, batches + 1)
+    first = next(stream)  # warm-up: worker start, first decodes
+    assert first["video"].dtype == torch.uint8 and first["video"].shape[1:] == (15, 3, 32, 112, 112)
+    benchmark.pedantic(lambda: sum(1 for _ in stream), rounds=1, iterations=1)  # the timed batches
+    seconds = benchmark.stats.stats.median
+    rate, n = batches * batch / seconds, batches * batch
+    loader.close()
+    wait = _data_wait_share(case, inputs, tmp_path, steps)
+    recs = load_manifest(inputs.transcoded if case == "transcoded" else inputs.original)
+    benchmark.extra_info.update(
+        kind="loader",
+        case=case,
+        sequences_per_s=rate,
+        sequences=n,
+        workers=worker_count(-1),
+        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        sequences_per_s_per_core=rate / max(1, worker_count(-1)),
+        host_bytes_per_sequence=15 * 32 * 3 * 112 * 112 + 15 * 80 * 128 * 4,  # uint8 video + float32 log-mel
+        data_wait_share_small=wait,
+        video=f"{recs[0]['width']}x{recs[0]['height']} {recs[0]['video_codec']} {recs[0]['fps']:g} fps",
+        keyframe_seconds=1.0 if case == "transcoded" else inputs.keyframe_seconds,
+        videos=inputs.videos,
+        seconds_per_video=inputs.seconds,
+        torch=torch.__version__,
+    )
+    if case == "transcoded":
+        benchmark.extra_info["transcode_wall_s"] = inputs.transcode_wall_s
+    summary_line(f"loader {case:13s} {rate:6.2f} sequences/s ({worker_count(-1)} workers), small-run data wait {wait:.0%}")
