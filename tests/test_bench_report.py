@@ -146,3 +146,25 @@ def test_report_renders_a_peak_sweep(tmp_path):
     assert "| cnn_checkpoint | bf16 | `lowrank` | 2,063 | 2,078 | 2,108 | 2,168 |" in md.replace(".0 ", " ")
     assert "| cnn_checkpoint | bf16 | none / lowrank | 1.99× |" in md
     assert "| cnn_checkpoint | bf16 | `lowrank` | 22,528 (extrapolated) | 0.0% |" in md  # (24 GiB - 2 GiB) / 1 MiB per clip
+
+
+def test_report_renders_the_loader_cases(tmp_path):
+    base = {"kind": "loader", "workers": 2, "keyframe_seconds": 10.0, "data_wait_share_small": 0.5}
+    records = [
+        (
+            "a",
+            {"median": 1},
+            base | {"case": "original", "video": "1280x720 h264 25 fps", "sequences_per_s": 0.5, "sequences_per_s_per_core": 0.25},
+        ),
+        (
+            "b",
+            {"median": 1},
+            base
+            | {"case": "transcoded", "video": "284x160 h264 16 fps", "sequences_per_s": 6.0, "sequences_per_s_per_core": 3.0}
+            | {"keyframe_seconds": 1.0, "data_wait_share_small": 0.1},
+        ),
+    ]
+    _bench_json(tmp_path / "loader.json", records, mode="full")
+    md = render(load_results([tmp_path]), tmp_path, plots=False)
+    assert "| `original` | 1280x720 h264 25 fps | 10 s | 0.5 | 0.25 | 1.0× | 50% | 2 |" in md
+    assert "| `transcoded` | 284x160 h264 16 fps | 1 s | 6 | 3 | 12.0× | 10% | 2 |" in md

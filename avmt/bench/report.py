@@ -660,7 +660,7 @@ def _loader_section(res: Results) -> list[str]:
     md = ["## Data loader (collected)", ""]
     recs = _latest([r for r in res.records if r.info.get("kind") == "loader"], lambda r: r.info["case"])
     if recs:
-        by_case = {r.info["case"]: r.info for r in recs}
+        by_case = {case: r.info for case, r in recs.items()}
         orig = by_case.get("original", {}).get("sequences_per_s")
         rows = [
             [
