@@ -137,6 +137,24 @@ def test_dali_gpu_h264_decode(tmp_path_factory):
         torch.testing.assert_close(b["audio"].cpu(), a["audio"], atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.gpu
+def test_dali_gpu_reads_transcoded_files(tmp_path):
+    """prepare --transcode's H.264 copies through NVDEC, against the CPU loader on the same copies."""
+    from avmt.data.loader_dali import DALILoader
+    from avmt.data.transcode import TranscodeSettings
+
+    make_synth(tmp_path / "videos", "mp4", count=4, seconds=10.0)
+    settings = TranscodeSettings(short_side=TEST_CFG.scale_range[1], fps=TEST_CFG.fps)
+    s = prepare(scan_root(tmp_path / "videos"), tmp_path / "prepared", SR, 2.0, progress=False, transcode=settings)
+    assert s.kept == 4
+    ref = list(CPULoader(tmp_path / "prepared", TEST_CFG, B, train=False, num_workers=0))
+    got = list(DALILoader(tmp_path / "prepared", TEST_CFG, B, train=False, device_id=0))
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got):
+        assert b["video"].is_cuda and b["video"].dtype == torch.uint8
+        assert torch.equal(a["index"], b["index"].cpu()) and _video_diff(a["video"], b["video"]).mean() < 0.06
+
+
 def test_dali_resumes_mid_epoch_and_streams_epochs_like_the_cpu_loader(webm):
     """set_epoch + iterate(k) give the batches of an uninterrupted run from batch k on; drop_last keeps full
     batches only; consecutive epochs stream on with the CPU loader's order."""
