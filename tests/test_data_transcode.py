@@ -85,3 +85,27 @@ def test_transcode_options_need_transcode(videos, tmp_path, capsys):
     assert "pass --transcode" in capsys.readouterr().err
     assert main(["--root", str(videos), "--out", str(tmp_path / "x"), "--transcode", "--fps", "0"]) == 2
     assert "expected short_side >= 2, fps > 0" in capsys.readouterr().err
+
+
+def test_a_transcode_past_the_time_limit_is_rejected_as_a_timeout(videos, tmp_path, monkeypatch):
+    import time
+
+    import avmt.data.prepare as prep
+
+    monkeypatch.setattr(prep, "transcode_video", lambda src, dst, settings: time.sleep(5))
+    s = prepare(scan_root(videos), tmp_path, SR, 2.0, progress=False, timeout_s=0.5, transcode=TranscodeSettings(32, 8))
+    assert s.reasons == {"timeout": 2}  # not "transcode": the time limit is not mistaken for a media error
+    rejected = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert all("took longer than 0.5 s" in r["detail"] for r in rejected)
+
+
+def test_an_interrupted_transcode_leaves_no_part_file(videos, tmp_path, monkeypatch):
+    import avmt.data.transcode as tc
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # what prepare's time limit or a Ctrl-C does mid-file
+
+    monkeypatch.setattr(tc, "_encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        transcode_video(next(videos.rglob("*.mp4")), tmp_path / "out.mp4", TranscodeSettings(32, 8))
+    assert list(tmp_path.iterdir()) == []

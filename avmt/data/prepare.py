@@ -157,8 +157,9 @@ def _not_regular(path: str) -> str | None:
     return f"{kind}, not a regular file (not opened)"
 
 
-class _ProbeTimeout(Exception):
-    pass
+class _ProbeTimeout(BaseException):
+    """Raised by SIGALRM inside a probe or transcode; a BaseException so that no ``except Exception`` on the way
+    mistakes it for a media error."""
 
 
 @contextlib.contextmanager

@@ -96,6 +96,9 @@ def transcode_video(src: str | Path, dst: str | Path, settings: TranscodeSetting
     except Exception as e:  # FFmpeg errors, a full disk: the file is rejected with the reason
         part.unlink(missing_ok=True)
         raise MediaError("transcode", f"{type(e).__name__}: {e}") from None
+    except BaseException:  # prepare's time limit, a KeyboardInterrupt: no half-written file either
+        part.unlink(missing_ok=True)
+        raise
     return {
         "fps": float(fps),
         "num_frames": n_out,
