@@ -226,13 +226,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: str | Path, module: nn.Module | None = None, map_location: str | torch.device = "cpu", allow_unverified: bool = False
+    path: str | Path,
+    module: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+    allow_unverified: bool = False,
+    verified: bool = False,
 ) -> dict[str, Any]:
     """Verify the checkpoint folder ``path`` (:func:`verify`), then load ``state.pt`` (no arbitrary code:
     ``weights_only=True``) and, if given, the weights into ``module``. Raises :class:`CheckpointError` if it does
-    not verify (``allow_unverified`` skips the check, for checkpoints without a manifest)."""
+    not verify (``allow_unverified`` skips the check, for checkpoints without a manifest). ``verified``: the caller
+    has just verified ``path`` (:func:`find_checkpoint` does), so its files are not hashed a second time."""
     path = Path(path)
-    why = verify(path)
+    why = None if verified else verify(path)
     if why is not None and not (allow_unverified and not (path / MANIFEST).exists()):
         raise CheckpointError(f"{path}: {why}")
     try:

@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         pretrained = Pretraining(AVBert(cfg.model), cfg.objective)
-        load_checkpoint(ckpt, pretrained)
+        load_checkpoint(ckpt, pretrained, verified=True)  # verified by the first load_checkpoint above
         results["pretrained"] = run(pretrained.model)
         if cfg.objective.cpp > 0:  # the pretraining task itself, as a check of the checkpoint
             results["pretrained_cpp"] = pair_accuracy(pretrained, cfg, records, labels, args.views, progress=not args.quiet, device=device)

@@ -171,12 +171,13 @@ def restore(
     device: torch.device,
     allow_config_change: bool = False,
 ) -> RunState:
-    """Load ``ckpt`` into the model, optimizer, schedule and RNGs; returns where the run was. A config that differs
+    """Load ``ckpt`` (verified, as :func:`resumable_checkpoint` returns it) into the model, optimizer, schedule and
+    RNGs; returns where the run was. A config that differs
     from the checkpoint's beyond :data:`RESUMABLE_CHANGES` is refused, unless ``allow_config_change`` (then each
     change is printed); a different model config is always refused."""
     try:
-        state = load_checkpoint(ckpt, pre, map_location=device)
-    except CheckpointError as e:  # damaged between the scan and the load
+        state = load_checkpoint(ckpt, pre, map_location=device, verified=True)  # resumable_checkpoint verified it
+    except CheckpointError as e:  # a file removed between the scan and the load
         raise TrainingError(str(e)) from None
     if state["config"]["model"] != cfg.to_dict()["model"]:
         raise TrainingError(f"{ckpt} was trained with another model config; use a new train.run_dir or resume=false")
