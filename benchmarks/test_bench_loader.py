@@ -7,7 +7,8 @@
   picked afterwards (the released AVBERT code's method), the rest of the pipeline unchanged.
 
 Each case reports sequences per second at the paper data settings (T=15 clips x 32 frames at 16 fps, 112^2
-crops, 80 x 128 log-mel, train mode) with the loader's default worker count, and the share of time a short
+crops, 80 x 128 log-mel, train mode) with the loader's default worker count, the CPU seconds one sequence costs on
+one core (in-process, as a worker loads it), and the share of time a short
 training run (the ``small`` preset, batch 4, audio at 44.1 kHz as prepared) fed by it waits for data. Quick mode
 (CI) shrinks the videos and the counts so that it only proves the benchmark runs; keep numbers from ``--full``.
 """
@@ -24,9 +25,11 @@ import pytest
 import torch
 
 from avmt.config import load_config
+from avmt.data.clips import sample_rng
 from avmt.data.loader import worker_count
 from avmt.data.loader_cpu import CPULoader, SequenceDataset
 from avmt.data.manifest import load_manifest
+from avmt.data.media import FrameConverter
 from avmt.data.prepare import prepare, scan_root
 from avmt.data.synth import SynthSpec, generate
 from avmt.data.transcode import TranscodeSettings
@@ -96,16 +99,40 @@ def inputs(tmp_path_factory, request) -> Inputs:
     return Inputs(root / "original" / "manifest.jsonl", root / "transcoded" / "manifest.jsonl", width, height, 10.0, videos, seconds, wall)
 
 
-def _read_whole(path, indices, fps, **kwargs) -> np.ndarray:
-    """The released code's method: decode the whole file, then pick the sequence's frames."""
+def _read_whole(path, indices, fps, height=None, width=None, box=None, threads=0, **_) -> np.ndarray:
+    """The released code's method: decode every frame of the file, then pick the sequence's frames (converted to RGB,
+    rescaled and cut as :func:`avmt.data.media.read_frames` does, so only the decoding differs)."""
     import av
 
+    convert = FrameConverter(height, width, box)
+    want = np.asarray(indices)
+    wanted, out = set(want.tolist()), {}
     with av.open(str(path)) as c:
         vs = c.streams.video[0]
-        vs.thread_type = "AUTO"
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(vs)]
-    idx = np.clip(np.asarray(indices), 0, len(frames) - 1)
-    return np.stack([frames[j] for j in idx])
+        vs.thread_count = threads
+        if threads != 1:
+            vs.thread_type = "AUTO"
+        for n, frame in enumerate(c.decode(vs)):
+            if n in wanted:
+                out[n] = convert(frame)
+    last = max(out)
+    return np.stack([out[min(int(j), last)] for j in want])
+
+
+def _cpu_seconds_per_sequence(records: list[dict], cfg, count: int) -> float:
+    """CPU seconds (all threads of this process) to load one train sequence on one core: the frame reader without
+    decoder threads and torch on one thread, as in a loader worker; after one warm-up load."""
+    ds = SequenceDataset(records, cfg, train=True, seed=0, decode_threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ds.load(0, sample_rng(0, 0, 0))
+        t0 = time.process_time()
+        for k in range(count):
+            ds.load(k % len(ds), sample_rng(0, 1, k))
+        return (time.process_time() - t0) / count
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _batches(loader: CPULoader, count: int):
@@ -138,8 +165,11 @@ def test_loader(benchmark, full, inputs, case, tmp_path, summary_line, monkeypat
     batch, batches, steps = (2, 8, 8) if full else (1, 2, 2)
     if case == "decode_whole":  # the same pipeline with the whole-file frame reader, here and in the training run
         monkeypatch.setattr(SequenceDataset, "frame_reader", staticmethod(_read_whole))
-    manifest = inputs.transcoded if case == "transcoded" else inputs.original
-    loader = CPULoader(manifest, cfg, batch, train=True, seed=0, num_workers=worker_count(-1), drop_last=True)
+    recs = load_manifest(inputs.transcoded if case == "transcoded" else inputs.original)
+    # The records repeated so that one epoch holds every timed batch: at an epoch's end the DataLoader drains its
+    # workers, which a real dataset (thousands of batches per epoch) almost never does.
+    repeated = recs * -(-(batches + 1) * batch // len(recs))
+    loader = CPULoader(repeated, cfg, batch, train=True, seed=0, num_workers=worker_count(-1), drop_last=True)
     stream = _batches(loader, batches + 1)
     first = next(stream)  # warm-up: worker start, first decodes
     assert first["video"].dtype == torch.uint8 and first["video"].shape[1:] == (15, 3, 32, 112, 112)
@@ -147,8 +177,8 @@ def test_loader(benchmark, full, inputs, case, tmp_path, summary_line, monkeypat
     seconds = benchmark.stats.stats.median
     rate, n = batches * batch / seconds, batches * batch
     loader.close()
+    cpu_s = _cpu_seconds_per_sequence(recs, cfg, 8 if full else 2)
     wait = _data_wait_share(case, inputs, tmp_path, steps)
-    recs = load_manifest(inputs.transcoded if case == "transcoded" else inputs.original)
     benchmark.extra_info.update(
         kind="loader",
         case=case,
@@ -157,6 +187,8 @@ def test_loader(benchmark, full, inputs, case, tmp_path, summary_line, monkeypat
         workers=worker_count(-1),
         cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         sequences_per_s_per_core=rate / max(1, worker_count(-1)),
+        cpu_s_per_sequence=cpu_s,  # one core, in-process (decode, rescale, crop, log-mel)
+        sequences_per_cpu_s=1.0 / cpu_s,
         host_bytes_per_sequence=15 * 32 * 3 * 112 * 112 + 15 * 80 * 128 * 4,  # uint8 video + float32 log-mel
         data_wait_share_small=wait,
         video=f"{recs[0]['width']}x{recs[0]['height']} {recs[0]['video_codec']} {recs[0]['fps']:g} fps",
@@ -167,4 +199,7 @@ def test_loader(benchmark, full, inputs, case, tmp_path, summary_line, monkeypat
     )
     if case == "transcoded":
         benchmark.extra_info["transcode_wall_s"] = inputs.transcode_wall_s
-    summary_line(f"loader {case:13s} {rate:6.2f} sequences/s ({worker_count(-1)} workers), small-run data wait {wait:.0%}")
+    summary_line(
+        f"loader {case:13s} {rate:6.2f} sequences/s ({worker_count(-1)} workers), {1 / cpu_s:5.2f} per CPU-second on one core, "
+        f"small-run data wait {wait:.0%}"
+    )

@@ -669,6 +669,7 @@ def _loader_section(res: Results) -> list[str]:
                 f"{i['keyframe_seconds']:g} s",
                 f"{i['sequences_per_s']:.3g}",
                 f"{i['sequences_per_s_per_core']:.3g}",
+                f"{i['sequences_per_cpu_s']:.3g}" if "sequences_per_cpu_s" in i else "-",
                 f"{i['sequences_per_s'] / orig:.1f}×" if orig else "-",
                 f"{i['data_wait_share_small']:.0%}",
                 str(i["workers"]),
@@ -679,7 +680,20 @@ def _loader_section(res: Results) -> list[str]:
             "CPU loader at the paper data settings (T=15 × 32 frames at 16 fps, 112², 80×128 log-mel), the same generated "
             "videos fed three ways (`benchmarks/test_bench_loader.py`):",
             "",
-            _table(["case", "video", "keyframes", "sequences/s", "per worker", "vs original", "small-run data wait", "workers"], rows),
+            _table(
+                [
+                    "case",
+                    "video",
+                    "keyframes",
+                    "sequences/s",
+                    "per worker",
+                    "per CPU-s, 1 core",
+                    "vs original",
+                    "small-run data wait",
+                    "workers",
+                ],
+                rows,
+            ),
             "",
         ]
     if not res.loader:

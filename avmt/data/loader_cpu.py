@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from avmt.config import DataConfig
@@ -39,33 +38,41 @@ from avmt.data.sample import SampleError, load_audio_clips, load_with_retries, p
 log = logging.getLogger("avmt.data")
 
 
-def transform_frames(frames: Tensor, crop: CropPlan, num_clips: int) -> Tensor:
-    """``frames [T*F, H, W, 3]`` uint8 -> ``[T, 3, F, crop, crop]`` uint8.
-
-    Resize (bilinear, antialiased, on uint8 -- torch's fast path), crop, flip; the normalisation to float runs on
-    the training device, in the model (:func:`avmt.models.cnn.normalize_video`)."""
-    x = frames.permute(0, 3, 1, 2)  # [N, 3, H, W]
-    if tuple(x.shape[-2:]) != crop.size:
-        x = F.interpolate(
-            x.contiguous(memory_format=torch.channels_last), size=crop.size, mode="bilinear", antialias=True, align_corners=False
-        )
-    x = x[:, :, crop.top : crop.top + crop.crop, crop.left : crop.left + crop.crop]
-    if crop.flip:
-        x = x.flip(-1)
-    n = x.shape[0]
-    return x.reshape(num_clips, n // num_clips, 3, crop.crop, crop.crop).transpose(1, 2).contiguous()
+def transform_frames(frames: np.ndarray, crop: CropPlan, num_clips: int) -> Tensor:
+    """``frames [T*F, crop, crop, 3]`` uint8, already resized and cut to the crop by the frame reader ->
+    ``[T, 3, F, crop, crop]`` uint8, flipped when the plan says so: one copy (the flip is a view until then).
+    The normalisation to float runs on the training device, in the model (:func:`avmt.models.cnn.normalize_video`)."""
+    n, c = frames.shape[0], crop.crop
+    if frames.shape[1:] != (c, c, 3):
+        raise ValueError(f"expected frames [N, {c}, {c}, 3] cut to the crop, got {list(frames.shape)}")
+    x = frames[:, :, ::-1] if crop.flip else frames
+    x = x.reshape(num_clips, n // num_clips, c, c, 3).transpose(0, 4, 1, 2, 3)
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 class SequenceDataset(torch.utils.data.Dataset):
     """Map-style dataset over a prepared manifest; item ``i`` is one sequence dict (the batch contract
     without the batch dimension). Randomness comes from ``sample_rng(seed, epoch, i, attempt)``, so a
-    sample is reproducible in any worker; call :meth:`set_epoch` between epochs."""
+    sample is reproducible in any worker; call :meth:`set_epoch` between epochs. ``decode_threads``: the frame
+    reader's ``threads`` (None: none in a DataLoader worker, where one worker per core fills the cores, else FFmpeg's
+    choice)."""
 
-    frame_reader = staticmethod(read_frames)  # (path, frame indices, fps) -> [n, H, W, 3] uint8; the loader benchmark swaps it
+    # (path, frame indices, fps, height=, width=, box=, threads=) -> [n, box h, box w, 3] uint8 (read_frames' contract);
+    # the loader benchmark swaps it
+    frame_reader = staticmethod(read_frames)
 
-    def __init__(self, manifest: str | Path | Sequence[dict], cfg: DataConfig, train: bool, seed: int = 0, max_retries: int = 10):
+    def __init__(
+        self,
+        manifest: str | Path | Sequence[dict],
+        cfg: DataConfig,
+        train: bool,
+        seed: int = 0,
+        max_retries: int = 10,
+        decode_threads: int | None = None,
+    ):
         self.records = list(manifest) if not isinstance(manifest, (str, Path)) else load_manifest(manifest)
         self.cfg, self.train, self.seed, self.max_retries = cfg, train, seed, max_retries
+        self.decode_threads = decode_threads  # None: 1 in a DataLoader worker (one per core), FFmpeg's choice otherwise
         self.epoch = 0
         self.mel = MelSpec.for_clip(cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.mel_frames)
         self.fbank = mel_filter_bank(self.mel.n_fft, cfg.sample_rate, cfg.n_mels)
@@ -80,8 +87,14 @@ class SequenceDataset(torch.utils.data.Dataset):
         """Load row ``i`` (raises on any failure)."""
         rec = self.records[i]
         seq, crop = plan_sample(rec, self.cfg, self.train, rng)
-        frames = self.frame_reader(rec["path"], seq.frame_indices.reshape(-1), rec["fps"])
-        video = transform_frames(torch.from_numpy(frames), crop, self.cfg.num_clips)
+        box = (crop.top, crop.left, crop.crop, crop.crop)
+        threads = self.decode_threads
+        if threads is None:
+            threads = 1 if torch.utils.data.get_worker_info() is not None else 0
+        frames = self.frame_reader(
+            rec["path"], seq.frame_indices.reshape(-1), rec["fps"], height=crop.size[0], width=crop.size[1], box=box, threads=threads
+        )
+        video = transform_frames(frames, crop, self.cfg.num_clips)
         wave = torch.from_numpy(load_audio_clips(rec, seq, self.cfg.sample_rate))
         audio = log_mel(wave, self.mel, self.fbank)
         if self.train and self.cfg.spec_mask_rate > 0:

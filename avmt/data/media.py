@@ -27,29 +27,69 @@ def _stream_seconds(stream, container_duration: float | None) -> float | None:
     return container_duration
 
 
+class FrameConverter:
+    """Decoded frame -> ``[h, w, 3]`` uint8 RGB array, rescaled to ``height`` x ``width`` (None: as decoded), then cut
+    to ``box`` = (top, left, h, w) if given (a view: only the region is copied when frames are stacked).
+
+    The rescale runs in FFmpeg's swscale (bilinear; its filter widens when downscaling, so it antialiases) in the
+    stream's own pixel format, and the smaller frame is then converted to RGB: two swscale contexts, because one
+    that scales and converts at once is ~4x slower. Measured: a 284x160 frame to 256x144 costs 0.13 ms against
+    0.23 ms for RGB conversion + torch's antialiased resize (720p: 0.43 vs 4.6 ms); the pixels differ from torch's by
+    0.3 levels of 255 on average. Each context is cached for the converter's life (``frame.to_ndarray`` builds one
+    per frame, ~10x slower); swscale runs single-threaded, as loader workers already run one per core.
+    """
+
+    def __init__(self, height: int | None = None, width: int | None = None, box: tuple[int, int, int, int] | None = None):
+        from av.video.reformatter import VideoReformatter
+
+        self.height, self.width, self.box = height, width, box
+        self._scaler, self._to_rgb = VideoReformatter(), VideoReformatter()
+
+    def __call__(self, frame) -> np.ndarray:
+        if (self.width or frame.width) != frame.width or (self.height or frame.height) != frame.height:
+            frame = self._scaler.reformat(frame, width=self.width, height=self.height, threads=1)
+        img = self._to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+        if self.box is None:
+            return img
+        top, left, h, w = self.box
+        return img[top : top + h, left : left + w]
+
+
 def read_frames(
-    path: str | Path, indices: np.ndarray, fps: float, height: int | None = None, width: int | None = None, seek_gap_seconds: float = 2.0
+    path: str | Path,
+    indices: np.ndarray,
+    fps: float,
+    height: int | None = None,
+    width: int | None = None,
+    box: tuple[int, int, int, int] | None = None,
+    seek_gap_seconds: float = 2.0,
+    threads: int = 0,
 ) -> np.ndarray:
     """Decode the frames with native indices ``indices`` (int, any order, repeats allowed) of a constant-frame-rate
-    video into ``[len(indices), H, W, 3]`` uint8 RGB, optionally rescaled by FFmpeg to ``height x width``.
+    video into ``[len(indices), H, W, 3]`` uint8 RGB.
+
+    ``height``/``width``/``box``: rescale, then keep only a region (see :class:`FrameConverter`). ``threads``:
+    decoder threads, 0 = FFmpeg's choice (frame and slice threads: fastest alone), 1 = none (right in a loader
+    worker, where one worker per core already fills the cores: threads there cost ~20% more CPU per sequence).
 
     Only the needed parts are decoded: the decoder seeks to the keyframe before each group of wanted frames
     and skips forward when the next wanted frame is less than ``seek_gap_seconds`` ahead. A frame's index is
     ``round((pts - start_time) * time_base * fps)``. Indices past the last decodable frame repeat the last one.
     """
     import av
-    from av.video.reformatter import VideoReformatter
 
-    # One reformatter for the whole call: it caches the SwsContext (frame.to_ndarray builds one per frame, ~10x slower).
-    reformatter = VideoReformatter()
+    convert = FrameConverter(height, width, box)
     want = np.asarray(indices, dtype=np.int64)
     order = np.unique(want)
     got: dict[int, np.ndarray] = {}
     last: np.ndarray | None = None
     with av.open(str(path)) as container:
         vs = container.streams.video[0]
-        vs.thread_type = "AUTO"
+        vs.thread_count = threads
+        if threads != 1:
+            vs.thread_type = "AUTO"
         tb = vs.time_base
+        tbf = float(tb)
         start = vs.start_time or 0
         pos = 0  # next position in ``order`` to fill
         while pos < len(order):
@@ -59,7 +99,7 @@ def read_frames(
             for frame in container.decode(vs):
                 if frame.pts is None:
                     continue
-                idx = int(round(float((frame.pts - start) * tb) * fps))
+                idx = int(round((frame.pts - start) * tbf * fps))
                 if idx < target and (target - idx) / fps > seek_gap_seconds + 1.0:
                     continue  # landed far before the target (sparse keyframes): keep decoding forward
                 if idx < order[pos]:
@@ -67,7 +107,7 @@ def read_frames(
                 img = None
                 while pos < len(order) and order[pos] <= idx:
                     if img is None:
-                        img = reformatter.reformat(frame, format="rgb24", width=width, height=height).to_ndarray()
+                        img = convert(frame)
                     got[int(order[pos])] = img
                     pos += 1
                 last = img if img is not None else last
@@ -97,20 +137,24 @@ def read_audio(path: str | Path, start: int, length: int) -> np.ndarray:
         st = container.streams.audio[0]
         sr = st.codec_context.sample_rate
         tb = st.time_base
+        num, den = tb.numerator * sr, tb.denominator  # sample of a pts = pts * num / den (integers: no Fraction per frame)
         if start > 0:
             container.seek(int(start / sr / tb), stream=st, backward=True, any_frame=False)
         for frame in container.decode(st):
-            f0 = int(round(float(frame.pts * tb) * sr)) if frame.pts is not None else 0
+            f0 = (frame.pts * num + den // 2) // den if frame.pts is not None else 0
             data = frame.to_ndarray()
-            if data.dtype.kind == "i":
-                data = data.astype(np.float32) / float(np.iinfo(data.dtype).max + 1)
             data = data.reshape(-1) if data.shape[0] == 1 else data.mean(axis=0)  # packed mono or planar
             f1 = f0 + len(data)
             if f1 <= start:
                 continue
             a, b = max(f0, start), min(f1, end)
             if a < b:
-                out[a - start : b - start] = data[a - f0 : b - f0]
+                chunk = data[a - f0 : b - f0]
+                if chunk.dtype.kind == "i":
+                    out[a - start : b - start] = chunk
+                    out[a - start : b - start] *= 1.0 / float(np.iinfo(chunk.dtype).max + 1)
+                else:
+                    out[a - start : b - start] = chunk
             if f1 >= end:
                 break
     return out
