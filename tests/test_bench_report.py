@@ -161,10 +161,10 @@ def test_report_renders_the_loader_cases(tmp_path):
             {"median": 1},
             base
             | {"case": "transcoded", "video": "284x160 h264 16 fps", "sequences_per_s": 6.0, "sequences_per_s_per_core": 3.0}
-            | {"keyframe_seconds": 1.0, "data_wait_share_small": 0.1},
+            | {"keyframe_seconds": 1.0, "data_wait_share_small": 0.1, "sequences_per_cpu_s": 5.2},
         ),
     ]
     _bench_json(tmp_path / "loader.json", records, mode="full")
     md = render(load_results([tmp_path]), tmp_path, plots=False)
-    assert "| `original` | 1280x720 h264 25 fps | 10 s | 0.5 | 0.25 | 1.0× | 50% | 2 |" in md
-    assert "| `transcoded` | 284x160 h264 16 fps | 1 s | 6 | 3 | 12.0× | 10% | 2 |" in md
+    assert "| `original` | 1280x720 h264 25 fps | 10 s | 0.5 | 0.25 | - | 1.0× | 50% | 2 |" in md  # older record: no CPU-s
+    assert "| `transcoded` | 284x160 h264 16 fps | 1 s | 6 | 3 | 5.2 | 12.0× | 10% | 2 |" in md
