@@ -107,27 +107,9 @@ def save_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         _recover(root)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp / FILES[0])
-        hook("weights")
-        torch.save(state, tmp / FILES[1])
-        hook("state")
-        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-        hook("manifest")
-        for f in (*FILES, MANIFEST):
-            _fsync_file(tmp / f)
-        _fsync_dir(tmp)
-        hook("synced")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write the checkpoint of step {step} into {root}: {e.strerror or e}") from None
-    except RuntimeError as e:  # torch.save reports a full disk as an opaque C++ error ("unexpected pos 768 vs 662")
-        shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(root).free
-        why = f"No space left on device ({free / 2**20:.1f} MiB free)" if free < LOW_SPACE_BYTES else str(e).splitlines()[0]
-        raise CheckpointError(f"cannot write the checkpoint of step {step} into {root}: {why}") from None
+    _write_folder(tmp, module.state_dict(), state, step, hook, f"the checkpoint of step {step} into {root}")
     if final.exists():  # the same step again (a finished run re-run, --stop-at at a save step): keep it until replaced
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -141,6 +123,58 @@ def save_checkpoint(
     _prune(root, keep, final)
     hook("pruned")
     return final
+
+
+def _write_folder(
+    tmp: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], step: int, hook: Callable[[str], None], what: str
+) -> None:
+    """Write ``weights`` (safetensors), ``state`` (torch.save) and their manifest into the new folder ``tmp``, every
+    file and the folder fsynced. On failure the folder is removed and :class:`CheckpointError` names ``what``."""
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / FILES[0])
+        hook("weights")
+        torch.save(state, tmp / FILES[1])
+        hook("state")
+        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        hook("manifest")
+        for f in (*FILES, MANIFEST):
+            _fsync_file(tmp / f)
+        _fsync_dir(tmp)
+        hook("synced")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write {what}: {e.strerror or e}") from None
+    except RuntimeError as e:  # torch.save reports a full disk as an opaque C++ error ("unexpected pos 768 vs 662")
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(tmp.parent).free
+        why = f"No space left on device ({free / 2**20:.1f} MiB free)" if free < LOW_SPACE_BYTES else str(e).splitlines()[0]
+        raise CheckpointError(f"cannot write {what}: {why}") from None
+
+
+def export_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], state: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write a standalone checkpoint folder ``path`` (the layout of one ``step_*`` folder: what ``python -m
+    avmt.convert`` produces) from ``weights`` (keys as in the ``Pretraining`` module: ``model.*``, heads optional)
+    and ``state`` (``config`` at least). Written to ``path.tmp`` and renamed, so ``path`` is complete or absent; an
+    existing ``path`` is replaced only with ``overwrite`` (after the new copy is complete)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} exists; choose another folder or overwrite it explicitly")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+    _write_folder(tmp, weights, state, int(state.get("step", 0)), lambda point: None, str(path))
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def _recover(root: Path) -> None:
@@ -247,3 +281,52 @@ def load_checkpoint(
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: {Path(e.filename).name} is missing") from None
     return state
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, bool]:
+    """``(checkpoint folder, verified)`` for a checkpoint folder (it holds ``state.pt``; not verified yet) or a run
+    folder (its newest checkpoint that verifies, :func:`find_checkpoint`). Raises :class:`CheckpointError` when
+    there is none, with the reason each candidate was skipped."""
+    path = Path(path)
+    if (path / FILES[1]).exists():
+        return path, False
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    found = find_checkpoint(path)
+    if found.path is None:
+        skipped = "; ".join(f"{p.name}: {why}" for p, why in found.skipped)
+        raise CheckpointError(
+            f"{path} holds no usable checkpoint (expected a checkpoint folder with {FILES[1]} or RUN/checkpoints/step_*)"
+            + (f"; skipped {skipped}" if skipped else "")
+        )
+    return found.path, True
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """``(model, config)`` from any avmt checkpoint: a training checkpoint (run folder or ``step_*`` folder) or one
+    written by ``python -m avmt.convert``. ``model`` is an :class:`avmt.models.AVBert` built from the checkpoint's
+    config with its weights loaded strictly (every model tensor present, none unknown; pretraining heads, if any,
+    are not part of it), in eval mode on ``map_location``; ``config`` is the checkpoint's :class:`avmt.config.Config`."""
+    from avmt.config import config_from_dict
+    from avmt.models import AVBert
+
+    folder, verified = resolve_checkpoint(path)
+    state = load_checkpoint(folder, map_location=map_location, verified=verified)
+    cfg = config_from_dict(state["config"])
+    model = AVBert(cfg.model)
+    load_model_weights(folder, model, map_location)
+    return model.to(map_location).eval(), cfg
+
+
+def load_model_weights(folder: str | Path, model: nn.Module, map_location: str | torch.device = "cpu") -> None:
+    """Load the ``model.*`` tensors of checkpoint folder ``folder`` into ``model`` (an AVBert) strictly; the caller
+    has verified the folder. Raises :class:`CheckpointError` naming missing, unknown or mis-shaped tensors."""
+    weights = load_file(Path(folder) / FILES[0], device=str(map_location))
+    own = {k[len("model.") :]: v for k, v in weights.items() if k.startswith("model.")}
+    want = model.state_dict()
+    missing, unknown = sorted(set(want) - set(own)), sorted(set(own) - set(want))
+    shapes = [f"{k} {tuple(own[k].shape)} vs {tuple(want[k].shape)}" for k in want if k in own and own[k].shape != want[k].shape]
+    problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in (("missing", missing), ("unknown", unknown), ("mis-shaped", shapes)) if v]
+    if problems:
+        raise CheckpointError(f"{folder}: the model weights do not fit the model of its config: {'; '.join(problems)}")
+    model.load_state_dict(own)

@@ -273,6 +273,7 @@ class TrainConfig(_Section):
     clips_with_grad: int = _field(0, NON_NEGATIVE)
     cnn_channels_last: bool = False  # CNN weights and inputs in channels-last layout (a GPU experiment: docs/training.md)
     run_dir: str = "runs/avmt"  # checkpoints, metrics.jsonl, TensorBoard events
+    init_from: str = ""  # a checkpoint (avmt, or converted by python -m avmt.convert) whose model weights start the run
     log_every: int = _field(10, POSITIVE)
     save_every: int = _field(500, POSITIVE)
     max_nonfinite: int = _field(20, POSITIVE)  # consecutive non-finite losses before the run stops

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avmt.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from avmt.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_model_weights
 from avmt.config import Config, ConfigError, config_from_dict
 from avmt.models import AVBert
 from avmt.models.avbert import AVBertOutput
@@ -573,11 +573,19 @@ def main(argv: list[str] | None = None) -> int:
                 model, cfg, records, args.views, args.test_fraction, settings, heads, progress=not args.quiet, device=device
             )
 
-        pretrained = Pretraining(AVBert(cfg.model), cfg.objective)
-        load_checkpoint(ckpt, pretrained, verified=True)  # verified by the first load_checkpoint above
-        results["pretrained"] = run(pretrained.model)
-        if cfg.objective.cpp > 0:  # the pretraining task itself, as a check of the checkpoint
-            results["pretrained_cpp"] = pair_accuracy(pretrained, cfg, records, labels, args.views, progress=not args.quiet, device=device)
+        if "converted_from" in state:  # python -m avmt.convert: the model only, no pretraining heads to score CPP with
+            model = AVBert(cfg.model)
+            load_model_weights(ckpt, model)  # verified by the first load_checkpoint above
+            results["converted_from"] = state["converted_from"]
+            results["pretrained"] = run(model)
+        else:
+            pretrained = Pretraining(AVBert(cfg.model), cfg.objective)
+            load_checkpoint(ckpt, pretrained, verified=True)  # verified by the first load_checkpoint above
+            results["pretrained"] = run(pretrained.model)
+            if cfg.objective.cpp > 0:  # the pretraining task itself, as a check of the checkpoint
+                results["pretrained_cpp"] = pair_accuracy(
+                    pretrained, cfg, records, labels, args.views, progress=not args.quiet, device=device
+                )
         if args.compare_random:
             torch.manual_seed(cfg.train.seed)  # the initialisation the run started from
             results["random_init"] = run(AVBert(cfg.model))

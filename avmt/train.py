@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from avmt.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from avmt.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_model_weights, resolve_checkpoint, save_checkpoint
 from avmt.config import Config, ConfigError, DataConfig, TrainConfig, add_config_arguments, config_from_args
 from avmt.data.loader import LoaderError
 from avmt.models import AVBert
@@ -145,7 +145,15 @@ def build_data(cfg: Config, device: torch.device, rank: int, world: int, progres
 # settings a resumed run may change: they alter neither the computation nor the data (samples are seeded per index,
 # so the worker count does not change them)
 RESUMABLE_CHANGES = frozenset(
-    {"train.max_steps", "train.log_every", "train.save_every", "train.max_nonfinite", "train.dist_timeout_s", "data.num_workers"}
+    {
+        "train.max_steps",
+        "train.log_every",
+        "train.save_every",
+        "train.max_nonfinite",
+        "train.dist_timeout_s",
+        "data.num_workers",
+        "train.init_from",  # read only when a run starts
+    }
 )
 
 
@@ -243,6 +251,22 @@ def _accumulate(
     return "ok", used, metrics, wait
 
 
+def initialise_from(model: AVBert, path: str | Path, cfg: Config, is_main: bool) -> None:
+    """Load the model weights of checkpoint ``path`` (``train.init_from``: a run or checkpoint folder, avmt's own or
+    converted) into ``model``; the pretraining heads, optimizer and schedule start fresh. The shapes must match
+    (:class:`TrainingError` naming the tensors otherwise); model settings that differ without changing a shape
+    (dropout, eps, kernels) are printed, since the run uses its own."""
+    try:
+        folder, verified = resolve_checkpoint(path)
+        saved = load_checkpoint(folder, verified=verified)["config"]["model"]
+        load_model_weights(folder, model)
+    except CheckpointError as e:
+        raise TrainingError(f"train.init_from: {e}") from None
+    differ = [f"model.{k}: {saved[k]!r} there, {v!r} here" for k, v in cfg.to_dict()["model"].items() if k in saved and saved[k] != v]
+    if is_main:
+        print(f"initialised the model from {folder}" + (f" (settings differ: {'; '.join(differ)})" if differ else ""), file=sys.stderr)
+
+
 def resumable_checkpoint(run_dir: Path, is_main: bool) -> Path | None:
     """The newest checkpoint of ``run_dir`` that verifies (None for a new run); each newer one that does not is
     printed with the reason, and a run whose checkpoints all fail to verify stops instead of restarting."""
@@ -304,12 +328,14 @@ def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow
 
     torch.manual_seed(tc.seed)
     model = AVBert(cfg.model).set_memory_options(tc)
+    ckpt = resumable_checkpoint(run_dir, is_main) if resume else None
+    if ckpt is None and tc.init_from:  # a new run from given weights (a resumed run has its own)
+        initialise_from(model, tc.init_from, cfg, is_main)
     pre = Pretraining(model, cfg.objective).to(device)
     net = DistributedDataParallel(pre, find_unused_parameters=True) if world > 1 else pre
     opt, bf16 = build_optimizer(pre.parameters(), tc), use_bf16(tc, device)
     sched = build_scheduler(opt, tc)
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)  # masks, swaps, negative-sampling seeds
-    ckpt = resumable_checkpoint(run_dir, is_main) if resume else None
     run = restore(ckpt, cfg, pre, opt, sched, gen, rank, device, allow_config_change) if ckpt is not None else RunState()
     if ckpt is not None and is_main:
         print(f"resumed from {ckpt} at step {run.step}", file=sys.stderr)

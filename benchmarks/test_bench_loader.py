@@ -16,6 +16,7 @@ training run (the ``small`` preset, batch 4, audio at 44.1 kHz as prepared) fed 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import time
 from pathlib import Path
@@ -176,8 +177,10 @@ def test_loader(benchmark, full, inputs, case, tmp_path, summary_line, monkeypat
     benchmark.pedantic(lambda: sum(1 for _ in stream), rounds=1, iterations=1)  # the timed batches
     seconds = benchmark.stats.stats.median
     rate, n = batches * batch / seconds, batches * batch
+    stream.close()  # ends the epoch's DataLoader iterator, whose idle workers would otherwise still be prefetching
     loader.close()
-    cpu_s = _cpu_seconds_per_sequence(recs, cfg, 8 if full else 2)
+    gc.collect()
+    cpu_s = _cpu_seconds_per_sequence(recs, cfg, 8 if full else 2)  # alone on the machine: SMT siblings share a core
     wait = _data_wait_share(case, inputs, tmp_path, steps)
     benchmark.extra_info.update(
         kind="loader",

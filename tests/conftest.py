@@ -27,3 +27,29 @@ def _collect_garbage_after_each_test():
     test_data_prepare); and a fork while their prefetching threads hold a lock can deadlock the child."""
     yield
     gc.collect()
+
+
+@pytest.fixture
+def tmpfs():
+    """``tmpfs(size)`` mounts a real tmpfs of ``size`` (mount syntax: "1536k") and returns its folder, unmounted
+    after the test: a disk that really fills up. Needs mount rights (root here and in CI); skips with the reason
+    elsewhere. The folder is outside pytest's basetemp, which pytest renames when pruning old runs."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = Path(tempfile.mkdtemp(prefix="avmt-small-disk-"))
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            mnt.rmdir()
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()

@@ -4,7 +4,6 @@ pruning by step number. Kills are injected deterministically through save_checkp
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 
 import pytest
 import torch
@@ -169,21 +168,8 @@ def test_a_checkpoint_without_a_manifest_loads_only_when_asked(tmp_path):
 
 
 @pytest.fixture
-def small_disk():
-    """A real 1.5 MB tmpfs (needs mount rights: root here and in CI); skipped with the reason elsewhere."""
-    import subprocess
-    import tempfile
-
-    mnt = Path(tempfile.mkdtemp(prefix="avmt-small-disk-"))  # outside pytest's basetemp, which it renames when pruning
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        mnt.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        mnt.rmdir()
+def small_disk(tmpfs):
+    return tmpfs("1536k")
 
 
 def test_a_really_full_disk_keeps_the_last_checkpoint(small_disk):

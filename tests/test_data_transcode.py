@@ -109,3 +109,67 @@ def test_an_interrupted_transcode_leaves_no_part_file(videos, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         transcode_video(next(videos.rglob("*.mp4")), tmp_path / "out.mp4", TranscodeSettings(32, 8))
     assert list(tmp_path.iterdir()) == []
+
+
+def _corrupt_middle(src, dst):
+    """``src`` with the payload of its middle keyframe zeroed: an H.264 mp4 that opens and probes (first frames, last
+    second, audio) and then fails to decode half-way (FFmpeg: InvalidDataError)."""
+    with av.open(str(src)) as c:
+        keyframes = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size and p.is_keyframe]
+    pos, size = keyframes[len(keyframes) // 2]
+    data = bytearray(src.read_bytes())
+    data[pos + 4 : pos + size] = bytes(size - 4)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(bytes(data))
+
+
+def test_a_video_whose_decode_fails_mid_way(videos, tmp_path, caplog):
+    import logging
+
+    src = sorted(videos.rglob("*.mp4"))[0]
+    bad = tmp_path / "in" / src.parent.name / "bad.mp4"
+    _corrupt_middle(src, bad)
+    # transcoding decodes every frame: the file is rejected with the decoder's error, and no output is left
+    s = prepare(scan_root(tmp_path / "in"), tmp_path / "tc", SR, 2.0, progress=False, transcode=TranscodeSettings(32, 8))
+    assert s.kept == 0 and s.reasons == {"transcode": 1}
+    rejected = json.loads((tmp_path / "tc" / "rejected.jsonl").read_text())
+    assert "InvalidDataError" in rejected["detail"] and rejected["path"] == str(bad)
+    assert list((tmp_path / "tc" / "video").iterdir()) == []
+    # without --transcode the cheap probe keeps it; the loader then fails on it, logs it and replaces it
+    s = prepare(scan_root(tmp_path / "in"), tmp_path / "plain", SR, 2.0, progress=False)
+    assert s.kept == 1
+    prepare(scan_root(videos), tmp_path / "good", SR, 2.0, progress=False)
+    recs = load_manifest(tmp_path / "plain") + load_manifest(tmp_path / "good")
+    with caplog.at_level(logging.WARNING, logger="avmt.data"):
+        loader = CPULoader(recs, TEST_CFG, 1, train=False, num_workers=0)
+        batches = list(loader)
+    assert loader.failures >= 1 and "bad.mp4" in caplog.text and "InvalidDataError" in caplog.text
+    assert [int(b["index"]) for b in batches][1:] == [1, 2] and int(batches[0]["index"]) != 0  # row 0 replaced
+
+
+@pytest.mark.parametrize("room", ["audio", "none"])
+def test_a_full_disk_stops_prepare_and_keeps_what_was_done(videos, tmp_path, tmpfs, capsys, room):
+    """A real full disk (a small tmpfs), filled while the FLAC (``none``) or the transcoded video (``audio``) of the
+    second video is written: prepare stops with the reason instead of rejecting the file, keeps the first video's
+    record, leaves no partial file, and the same command finishes once there is space."""
+    disk = tmpfs("2m")
+    out = disk / "prepared"
+    first, second = sorted(videos.rglob("*.mp4"))
+    settings = TranscodeSettings(short_side=64, fps=8)
+    only_first = [it for it in scan_root(videos) if it.path == str(first)]
+    assert prepare(only_first, out, SR, 2.0, progress=False, transcode=settings).kept == 1
+    before = (out / "manifest.jsonl").read_text()
+    flac = next((out / "audio").iterdir()).stat().st_size
+    free = __import__("shutil").disk_usage(disk).free
+    keep = flac + 8192 if room == "audio" else 0  # room for the second FLAC but not its video, or for nothing
+    (disk / "filler").write_bytes(b"\0" * max(0, free - keep))
+    args = ["--root", str(videos), "--out", str(out), "--transcode", "--short-side", "64", "--fps", "8", "--quiet", "--workers", "1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "run the same command again" in err, err
+    assert (out / "manifest.jsonl").read_text().startswith(before)  # the first record is intact
+    assert not (out / "rejected.jsonl").exists() or (out / "rejected.jsonl").read_text() == ""  # nothing rejected for it
+    assert not [p for p in out.rglob("*") if ".part." in p.name]  # no partial FLAC or video
+    (disk / "filler").unlink()
+    assert main(args) == 0
+    assert {r["source"]["path"] for r in load_manifest(out)} == {str(first), str(second)}

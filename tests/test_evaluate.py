@@ -13,7 +13,7 @@ from avmt.data.manifest import load_manifest
 from avmt.evaluate import EvaluationError, FinetuneSettings, finetune, labelled_split, main, pair_accuracy, score_classifiers
 from avmt.models import AVBert, EncoderOutput
 from avmt.objectives import Pretraining, swap_permutation
-from avmt.train import synthetic_manifest, train
+from avmt.train import TrainingError, synthetic_manifest, train
 
 # Few steps, no dropout and no warm-up, so that a handful of steps measurably lowers the loss.
 QUICK = FinetuneSettings(epochs=3, batch_size=2, lr=1e-3, dropout=0.0, warmup_fraction=0.0)
@@ -177,3 +177,45 @@ def test_bad_input_fails_clearly_before_any_work(run_dir, manifest, tmp_path, ca
     with pytest.raises(EvaluationError, match="fewer than one batch of 8"):
         cfg = load_config("tiny", overrides=[f"data.manifest={manifest}", "data.num_workers=0"])
         finetune(AVBert(cfg.model), cfg, rows[:3], 6, ["audio"], FinetuneSettings(), torch.device("cpu"), progress=False)
+
+
+def _as_converted(run_dir, out):
+    """The run's model weights as ``python -m avmt.convert`` writes them: a checkpoint folder with ``model.*`` only
+    and a ``converted_from`` record (a tiny stand-in for the converted official checkpoint, which is paper-sized)."""
+    from safetensors.torch import load_file
+
+    from avmt.checkpoint import export_checkpoint, find_checkpoint, load_checkpoint
+
+    src = find_checkpoint(run_dir).path
+    weights = {k: v for k, v in load_file(src / "model.safetensors").items() if k.startswith("model.")}
+    state = {"step": 0, "config": load_checkpoint(src)["config"], "converted_from": {"format": "official", "path": "x", "sha256": "0"}}
+    return export_checkpoint(out, weights, state)
+
+
+def test_a_converted_checkpoint_evaluates_without_pretraining_heads(run_dir, manifest, tmp_path, capsys):
+    out = _as_converted(run_dir, tmp_path / "converted")
+    assert main(["--checkpoint", str(out), "--manifest", str(manifest), "--heads", "visual", "--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert "pretrained_cpp" not in res and res["converted_from"]["format"] == "official"
+    assert set(res["pretrained"]) == {"visual"}
+
+
+def test_init_from_starts_a_run_from_the_weights_and_fresh_heads(run_dir, manifest, tmp_path, capsys):
+    from avmt.checkpoint import load_model
+
+    out = _as_converted(run_dir, tmp_path / "converted")
+    source, _ = load_model(out)
+    base = [f"data.manifest={manifest}", "data.num_workers=0", "train.batch_size=4", "train.warmup_steps=1", "train.lr=1e-12"]
+    cfg = load_config("tiny", overrides=[*base, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=1", f"train.init_from={out}"])
+    train(cfg, progress=False)
+    assert f"initialised the model from {out}" in capsys.readouterr().err
+    started, _ = load_model(tmp_path / "run")
+    for (k, a), b in zip(source.state_dict().items(), started.state_dict().values()):
+        if "running" not in k and "num_batches" not in k:  # BatchNorm statistics move in a train-mode step; weights barely (lr 1e-12)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    # resuming the run ignores init_from (the run has its own weights); a missing init_from is a one-line error
+    nowhere = f"train.init_from={tmp_path}/nowhere"
+    train(load_config("tiny", overrides=[*base, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=2", nowhere]), progress=False)
+    cfg = load_config("tiny", overrides=[*base, f"train.run_dir={tmp_path / 'other'}", "train.max_steps=1", nowhere])
+    with pytest.raises(TrainingError, match="train.init_from: .*nowhere does not exist"):
+        train(cfg, progress=False)

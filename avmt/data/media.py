@@ -6,10 +6,18 @@ Every container is opened with ``with av.open(...)`` so it is closed even when d
 
 from __future__ import annotations
 
+import errno
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a write failed because of the disk, not the file being processed
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` is a write that failed for lack of space (or quota): what stops a whole job, unlike a bad file."""
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
 
 
 class MediaError(Exception):

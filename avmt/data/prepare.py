@@ -21,7 +21,9 @@ ends in exactly one of the two files. Reasons: ``empty``, ``unreadable``, ``not_
 then the transcoded file and ``source`` the original.
 
 Resumable: results are appended as they finish; a re-run keeps every record whose file size and mtime
-are unchanged (and whose FLAC exists) and only processes the rest.
+are unchanged (and whose FLAC exists) and only processes the rest. A full disk stops the run (it is not the
+file's fault, so no file is rejected for it): the finished records stay, partial FLAC/video files are removed,
+and the same command continues once there is space.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avmt.data.media import MediaError, probe_and_extract, write_flac
+from avmt.data.media import MediaError, is_disk_full, probe_and_extract, write_flac
 from avmt.data.transcode import TranscodeSettings, transcode_video
 
 REASONS = (
@@ -222,7 +225,11 @@ def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]
         key = _file_key(item.path)
         flac = Path(out) / "audio" / f"{key}.flac"
         tmp = flac.with_name(flac.name + ".part.flac")
-        write_flac(tmp, audio, sample_rate)
+        try:
+            write_flac(tmp, audio, sample_rate)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, flac)
         rec = base | {"reason": None, "id": key, "audio": str(flac), "start": start, "end": end, **meta}
         if transcode is None:
@@ -245,6 +252,8 @@ def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]
     except MediaError as e:
         return base | {"reason": e.reason, "detail": e.detail}
     except Exception as e:
+        if is_disk_full(e):
+            raise  # not this file's fault: rejecting it (and every file after it) would stick across re-runs
         return base | {"reason": "error", "detail": f"{type(e).__name__}: {e}"}
 
 
@@ -327,13 +336,28 @@ def prepare(
             summary.processed += 1
             bar.update()
 
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
-                for rec in pool.map(_process, jobs, chunksize=1):
-                    record(rec)
-        else:
-            for j in jobs:
-                record(_process(j))
+        try:
+            if workers > 1 and len(jobs) > 1:
+                pool = ProcessPoolExecutor(workers, initializer=_die_with_parent)
+                try:
+                    for rec in pool.map(_process, jobs, chunksize=1):
+                        record(rec)
+                finally:  # on an error, drop the queued files instead of processing them all first
+                    pool.shutdown(wait=True, cancel_futures=True)
+            else:
+                for j in jobs:
+                    record(_process(j))
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            bar.close()
+            free = shutil.disk_usage(out).free
+            raise OSError(
+                e.errno,
+                f"No space left on device ({free / 2**20:.1f} MiB free) after {summary.processed} of "
+                f"{len(jobs)} files; the {summary.processed} finished records are kept and no partial file is: free space "
+                "and run the same command again to continue",
+            ) from None
     bar.close()
     # Rewrite both files in input order, one record per input, and the label table.
     labels = sorted({r["label"] for r in done.values() if r.get("reason") is None})

@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from avmt.data.media import MediaError
+from avmt.data.media import MediaError, is_disk_full
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,9 @@ def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 def transcode_video(src: str | Path, dst: str | Path, settings: TranscodeSettings) -> dict[str, Any]:
     """Re-encode the video stream of ``src`` into ``dst`` (mp4, H.264; see the module docstring). Returns the video
     fields of the manifest record for ``dst``: ``fps``, ``num_frames``, ``width``, ``height``, ``video_codec``,
-    ``video_seconds``. Raises :class:`MediaError` (reason ``transcode``) on any failure, leaving no ``dst``."""
+    ``video_seconds``. Raises :class:`MediaError` (reason ``transcode``) on any failure of this file, and the
+    ``OSError`` itself when the disk is full (:func:`avmt.data.media.is_disk_full`); either way no ``dst`` and no
+    part file are left."""
     import av
 
     dst = Path(dst)
@@ -93,7 +95,12 @@ def transcode_video(src: str | Path, dst: str | Path, settings: TranscodeSetting
     except MediaError:
         part.unlink(missing_ok=True)
         raise
-    except Exception as e:  # FFmpeg errors, a full disk: the file is rejected with the reason
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise  # the disk, not this file: the caller stops (prepare: the whole run, resumable)
+        raise MediaError("transcode", f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # FFmpeg errors: the file is rejected with the reason
         part.unlink(missing_ok=True)
         raise MediaError("transcode", f"{type(e).__name__}: {e}") from None
     except BaseException:  # prepare's time limit, a KeyboardInterrupt: no half-written file either
