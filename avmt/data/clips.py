@@ -47,6 +47,27 @@ class SequencePlan:
     short: bool
 
 
+@dataclass(frozen=True)
+class View:
+    """One deterministic test view (eval mode): temporal position ``clip`` of ``clips`` (the window slides from the
+    span's start, 0, to its end, ``clips - 1``; ``clips=1``: centred) and spatial crop ``crop`` of ``crops`` along
+    the frame's long side (0: left/top, ``crops - 1``: right/bottom; ``crops=1``: centred). The released code's
+    test protocol is 10 temporal x 3 spatial views."""
+
+    clip: int = 0
+    clips: int = 1
+    crop: int = 0
+    crops: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.clip < self.clips and 0 <= self.crop < self.crops):
+            raise ValueError(f"view {self}: expected 0 <= clip < clips and 0 <= crop < crops")
+
+
+def _fraction(i: int, n: int) -> float:
+    return 0.5 if n == 1 else i / (n - 1)
+
+
 def plan_sequence(
     cfg: DataConfig,
     duration: float,
@@ -55,8 +76,10 @@ def plan_sequence(
     train: bool,
     rng: np.random.Generator | None = None,
     span: tuple[float, float | None] = (0.0, None),
+    view: View | None = None,
 ) -> SequencePlan:
-    """Plan one sequence from a video whose usable content is ``span`` (default: all of ``duration``)."""
+    """Plan one sequence from a video whose usable content is ``span`` (default: all of ``duration``). ``view``
+    (eval mode only) places the window at one of several temporal positions instead of the centre."""
     if train and rng is None:
         raise ValueError("train mode needs a numpy Generator for the random window and clip offsets")
     if duration <= 0 or native_fps <= 0 or num_frames <= 0:
@@ -70,7 +93,7 @@ def plan_sequence(
     seg = w / t_clips
     short = d < w - 1e-9
     if not short:
-        w0 = s0 + (rng.uniform(0.0, d - w) if train else (d - w) / 2)
+        w0 = s0 + (rng.uniform(0.0, d - w) if train else (d - w) * _fraction(view.clip, view.clips) if view else (d - w) / 2)
         slack = seg - clip
         offsets = rng.uniform(0.0, slack, t_clips) if train and slack > 0 else np.full(t_clips, slack / 2)
         starts = w0 + np.arange(t_clips) * seg + offsets
@@ -105,9 +128,12 @@ class CropPlan:
     flip: bool
 
 
-def plan_crop(cfg: DataConfig, height: int, width: int, train: bool, rng: np.random.Generator | None = None) -> CropPlan:
+def plan_crop(
+    cfg: DataConfig, height: int, width: int, train: bool, rng: np.random.Generator | None = None, view: View | None = None
+) -> CropPlan:
     """train: short side uniform in ``scale_range`` (integers, inclusive), random crop, flip with p=0.5;
-    eval: short side ``scale_range[0]``, centre crop, no flip."""
+    eval: short side ``scale_range[0]``, centre crop (``view``: crop ``view.crop`` of ``view.crops`` along the long
+    side, centred along the short one), no flip."""
     if train and rng is None:
         raise ValueError("train mode needs a numpy Generator for the random crop")
     lo, hi = cfg.scale_range
@@ -122,6 +148,9 @@ def plan_crop(cfg: DataConfig, height: int, width: int, train: bool, rng: np.ran
         flip = bool(rng.random() < 0.5)
     else:
         top, left, flip = (size[0] - c) // 2, (size[1] - c) // 2, False
+        if view is not None and view.crops > 1:
+            along = int(round((max(size) - c) * _fraction(view.crop, view.crops)))
+            top, left = (along, left) if size[0] > size[1] else (top, along)
     return CropPlan(size, top, left, c, flip)
 
 

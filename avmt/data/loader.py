@@ -23,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from avmt.config import DataConfig
+from avmt.data.clips import View
+from avmt.data.manifest import MODALITIES, modalities_of
 
 
 @runtime_checkable
@@ -110,9 +112,19 @@ def worker_count(num_workers: int) -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def check_records(records: Sequence[dict], cfg: DataConfig) -> None:
-    """Raise LoaderError, before any decoding, if ``records`` cannot feed ``cfg``: audio extracted at another
-    sample rate than ``data.sample_rate`` (every sample would fail, one by one, after retries)."""
+def check_records(records: Sequence[dict], cfg: DataConfig, modalities: Sequence[str] = MODALITIES) -> None:
+    """Raise LoaderError, before any decoding, if ``records`` cannot feed ``cfg``: a record without a modality the
+    caller needs (reported with how many and which, never skipped), or audio extracted at another sample rate than
+    ``data.sample_rate`` (every sample would fail, one by one, after retries)."""
+    for m in modalities:
+        lacking = [r for r in records if m not in modalities_of(r)]
+        if lacking:
+            raise LoaderError(
+                f"{len(lacking)} of {len(records)} manifest records have no {m} (e.g. {lacking[0]['path']}), and this needs "
+                f"{' and '.join(modalities)}: leave them out of the manifest, or use what they have"
+            )
+    if "audio" not in modalities:
+        return
     bad = [r for r in records if r.get("sample_rate") != cfg.sample_rate]
     if bad:
         rates = sorted({str(r.get("sample_rate")) for r in bad})
@@ -133,11 +145,15 @@ def build_loader(
     num_shards: int = 1,
     drop_last: bool = False,
     choice: str | None = None,
+    modalities: Sequence[str] = MODALITIES,
+    view: View | None = None,
 ) -> Loader:
     """The loader ``choice`` (default ``cfg.loader``) selects for ``device``, over a manifest path or its records.
 
     Batches are ``[B, ...]`` tensors on ``device`` for DALI on a GPU, on the CPU otherwise (the caller moves them).
     ``drop_last``: only full batches (training: every step and every DDP rank sees ``batch_size`` sequences).
+    ``modalities``: what each batch holds (every record must have it); audio alone always reads through the CPU
+    loader (DALI's part is video decoding). ``view``: one deterministic test view in eval mode.
     """
     from avmt.data.manifest import load_manifest
 
@@ -147,8 +163,8 @@ def build_loader(
         records = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
     except (OSError, ValueError) as e:  # a missing file, a malformed record (its line and field named)
         raise LoaderError(str(e)) from None
-    check_records(records, cfg)
-    if name == "cpu":
+    check_records(records, cfg, modalities)
+    if name == "cpu" or "video" not in modalities:
         from avmt.data.loader_cpu import CPULoader
 
         return CPULoader(
@@ -162,6 +178,8 @@ def build_loader(
             shard_id=shard_id,
             num_shards=num_shards,
             drop_last=drop_last,
+            modalities=modalities,
+            view=view,
         )
     from avmt.data.loader_dali import DALILoader
 
@@ -182,4 +200,6 @@ def build_loader(
         num_shards=num_shards,
         num_threads=max(1, worker_count(cfg.num_workers)),
         drop_last=drop_last,
+        modalities=modalities,
+        view=view,
     )

@@ -9,6 +9,10 @@ Batch contract (both loaders):
 - ``label [B]`` int64 (``label_index`` of the manifest), ``index [B]`` int64 (manifest row actually loaded);
 - ``failures [B]`` int64: how many samples failed and were replaced before this one loaded.
 
+``video`` and ``audio`` are present when the loader's ``modalities`` (default both) name them: a protocol that
+needs one modality loads only that one (audio-only or video-only records need no stand-in for the other).
+``view`` (eval mode) picks one of the deterministic test views (:class:`avmt.data.clips.View`).
+
 T is fixed (the short-video rule in :mod:`avmt.data.clips` never drops clips), so there is no ``clip_mask``.
 A sample that fails to load is logged (``logging`` warning with path and error), counted and replaced by
 another manifest row drawn from a seeded generator; after ``max_retries`` failures in a row the loader
@@ -29,9 +33,9 @@ from torch import Tensor
 
 from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
-from avmt.data.clips import CropPlan, shard_indices
+from avmt.data.clips import CropPlan, View, shard_indices
 from avmt.data.loader import LoaderError
-from avmt.data.manifest import load_manifest
+from avmt.data.manifest import MODALITIES, load_manifest
 from avmt.data.media import read_frames
 from avmt.data.sample import SampleError, load_audio_clips, load_with_retries, plan_sample
 
@@ -69,9 +73,12 @@ class SequenceDataset(torch.utils.data.Dataset):
         seed: int = 0,
         max_retries: int = 10,
         decode_threads: int | None = None,
+        modalities: Sequence[str] = MODALITIES,
+        view: View | None = None,
     ):
         self.records = list(manifest) if not isinstance(manifest, (str, Path)) else load_manifest(manifest)
         self.cfg, self.train, self.seed, self.max_retries = cfg, train, seed, max_retries
+        self.modalities, self.view = tuple(modalities), view
         self.decode_threads = decode_threads  # None: 1 in a DataLoader worker (one per core), FFmpeg's choice otherwise
         self.epoch = 0
         self.mel = MelSpec.for_clip(cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.mel_frames)
@@ -86,26 +93,25 @@ class SequenceDataset(torch.utils.data.Dataset):
     def load(self, i: int, rng: np.random.Generator | None) -> dict[str, Tensor]:
         """Load row ``i`` (raises on any failure)."""
         rec = self.records[i]
-        seq, crop = plan_sample(rec, self.cfg, self.train, rng)
-        box = (crop.top, crop.left, crop.crop, crop.crop)
-        threads = self.decode_threads
-        if threads is None:
-            threads = 1 if torch.utils.data.get_worker_info() is not None else 0
-        frames = self.frame_reader(
-            rec["path"], seq.frame_indices.reshape(-1), rec["fps"], height=crop.size[0], width=crop.size[1], box=box, threads=threads
-        )
-        video = transform_frames(frames, crop, self.cfg.num_clips)
-        wave = torch.from_numpy(load_audio_clips(rec, seq, self.cfg.sample_rate))
-        audio = log_mel(wave, self.mel, self.fbank)
-        if self.train and self.cfg.spec_mask_rate > 0:
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            audio = spec_augment(audio, self.cfg.spec_mask_rate, gen)
-        return {
-            "video": video,
-            "audio": audio.unsqueeze(1),
-            "label": torch.tensor(rec["label_index"], dtype=torch.int64),
-            "index": torch.tensor(i, dtype=torch.int64),
-        }
+        seq, crop = plan_sample(rec, self.cfg, self.train, rng, self.view)
+        out = {"label": torch.tensor(rec["label_index"], dtype=torch.int64), "index": torch.tensor(i, dtype=torch.int64)}
+        if "video" in self.modalities:
+            box = (crop.top, crop.left, crop.crop, crop.crop)
+            threads = self.decode_threads
+            if threads is None:
+                threads = 1 if torch.utils.data.get_worker_info() is not None else 0
+            frames = self.frame_reader(
+                rec["path"], seq.frame_indices.reshape(-1), rec["fps"], height=crop.size[0], width=crop.size[1], box=box, threads=threads
+            )
+            out["video"] = transform_frames(frames, crop, self.cfg.num_clips)
+        if "audio" in self.modalities:
+            wave = torch.from_numpy(load_audio_clips(rec, seq, self.cfg.sample_rate))
+            audio = log_mel(wave, self.mel, self.fbank)
+            if self.train and self.cfg.spec_mask_rate > 0:
+                gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+                audio = spec_augment(audio, self.cfg.spec_mask_rate, gen)
+            out["audio"] = audio.unsqueeze(1)
+        return out
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
         """Sample ``key`` = row ``i`` (of the current epoch) or ``(epoch, i)`` (what the CPU loader's sampler yields,
@@ -152,8 +158,10 @@ class CPULoader:
         drop_last: bool = False,
         max_retries: int = 10,
         pin_memory: bool = False,
+        modalities: Sequence[str] = MODALITIES,
+        view: View | None = None,
     ):
-        self.dataset = SequenceDataset(manifest, cfg, train, seed, max_retries)
+        self.dataset = SequenceDataset(manifest, cfg, train, seed, max_retries, modalities=modalities, view=view)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.num_workers, self.shard_id, self.num_shards, self.drop_last = num_workers, shard_id, num_shards, drop_last
         self.pin_memory, self.persistent = pin_memory, pin_memory and num_workers > 0

@@ -38,8 +38,8 @@ import torch
 
 from avmt.config import DataConfig
 from avmt.data.audio import MelSpec, log_mel, mel_filter_bank, spec_augment
-from avmt.data.clips import shard_indices
-from avmt.data.manifest import load_manifest
+from avmt.data.clips import View, shard_indices
+from avmt.data.manifest import MODALITIES, load_manifest
 from avmt.data.sample import SampleError, load_audio_clips, load_with_retries, plan_sample
 
 log = logging.getLogger("avmt.data")
@@ -110,7 +110,11 @@ class DALILoader:
         prefetch: int = 2,
         max_retries: int = 10,
         drop_last: bool = False,
+        modalities: Sequence[str] = MODALITIES,
+        view: View | None = None,
     ):
+        if "video" not in modalities:
+            raise ValueError("the DALI loader decodes video; for audio alone use the CPU loader (build_loader does)")
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
@@ -119,6 +123,7 @@ class DALILoader:
         self.cfg, self.batch_size, self.train, self.seed = cfg, batch_size, train, seed
         self.device_id, self.shard_id, self.num_shards = device_id, shard_id, num_shards
         self.num_threads, self.prefetch, self.max_retries, self.drop_last = num_threads, prefetch, max_retries, drop_last
+        self.modalities, self.view = tuple(modalities), view
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.mel = MelSpec.for_clip(cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.mel_frames)
         self.fbank = mel_filter_bank(self.mel.n_fft, cfg.sample_rate, cfg.n_mels)  # moved to the device on first use
@@ -154,11 +159,15 @@ class DALILoader:
 
     def _host_load(self, idx: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
         rec = self.records[idx]
-        seq, crop = plan_sample(rec, self.cfg, self.train, rng)
+        seq, crop = plan_sample(rec, self.cfg, self.train, rng, self.view)
         data = np.fromfile(rec["path"], dtype=np.uint8)
         if data.size == 0:
             raise ValueError("empty file")
-        audio = load_audio_clips(rec, seq, self.cfg.sample_rate)
+        # without audio in the batch, a [T, 1] placeholder keeps the graph's inputs fixed; it is never turned into a batch
+        if "audio" in self.modalities:
+            audio = load_audio_clips(rec, seq, self.cfg.sample_rate)
+        else:
+            audio = np.zeros((len(seq.audio_starts), 1), np.float32)
         aug_seed = int(rng.integers(2**62)) if rng is not None else 0
         h, w = crop.size
         pos_y = crop.top / (h - crop.crop) if h > crop.crop else 0.0
@@ -279,16 +288,18 @@ class DALILoader:
             b = len(label_o)
             video = self._to_torch(video_o, torch.uint8)  # [B, 3, T*F, c, c] uint8
             video = video.reshape(b, 3, cfg.num_clips, cfg.frames, cfg.crop_size, cfg.crop_size).permute(0, 2, 1, 3, 4, 5)
-            wave = self._to_torch(audio_o).to(self.device)  # [B, T, N]
-            audio = log_mel(wave, self.mel, self.fbank)
             idx_seed = np.array(index_o.as_tensor())
-            if self.train and cfg.spec_mask_rate > 0:
-                gen = torch.Generator().manual_seed(int(idx_seed[:, 1].sum() % (2**62)))
-                audio = spec_augment(audio, cfg.spec_mask_rate, gen)
-            yield {
+            batch = {
                 "video": video.contiguous(),
-                "audio": audio.unsqueeze(2),
                 "label": torch.from_numpy(np.array(label_o.as_tensor())).reshape(b),
                 "index": torch.from_numpy(idx_seed[:, 0].copy()),
             }
+            if "audio" in self.modalities:
+                wave = self._to_torch(audio_o).to(self.device)  # [B, T, N]
+                audio = log_mel(wave, self.mel, self.fbank)
+                if self.train and cfg.spec_mask_rate > 0:
+                    gen = torch.Generator().manual_seed(int(idx_seed[:, 1].sum() % (2**62)))
+                    audio = spec_augment(audio, cfg.spec_mask_rate, gen)
+                batch["audio"] = audio.unsqueeze(2)
+            yield batch
         self.epoch = want[0] + 1

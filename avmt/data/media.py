@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -190,12 +191,20 @@ def write_flac(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
 SIGNATURES = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba")
 
 
-def probe_and_extract(path: str | Path, sample_rate: int, min_seconds: float) -> tuple[dict, np.ndarray]:
-    """Check that ``path`` is a usable video with sound and return (metadata, mono audio at ``sample_rate``).
+def probe_and_extract(
+    path: str | Path,
+    sample_rate: int,
+    min_seconds: float,
+    need: tuple[str, ...] = ("video", "audio"),
+    optional: tuple[str, ...] = (),
+) -> tuple[dict, np.ndarray | None]:
+    """Check that ``path`` is a usable media file with the streams ``need`` (``video``, ``audio``; ``optional`` ones
+    are used when present) and return (metadata, mono audio at ``sample_rate``, or None without audio).
 
     Raises :class:`MediaError` with reason ``empty``, ``unreadable``, ``not_a_video``, ``truncated``,
-    ``no_audio``, ``undecodable`` or ``too_short``. The audio is aligned so that sample 0 is at the video
-    stream's first timestamp (leading gap zero-padded, earlier samples dropped).
+    ``no_audio``, ``undecodable`` or ``too_short``. The audio of a video is aligned so that sample 0 is at the video
+    stream's first timestamp (leading gap zero-padded, earlier samples dropped). ``meta["modalities"]`` lists the
+    streams kept, in the order video, audio; ``duration`` is the shortest of them.
     """
     import av
 
@@ -218,85 +227,116 @@ def probe_and_extract(path: str | Path, sample_rate: int, min_seconds: float) ->
             + ("the header is a known container, so the file is cut or damaged" if known else "no known container header"),
         ) from None
     with container:
-        if not container.streams.video:
+        use_video = bool(container.streams.video) and ("video" in need or "video" in optional)
+        use_audio = bool(container.streams.audio) and ("audio" in need or "audio" in optional)
+        if "video" in need and not container.streams.video:
             raise MediaError("not_a_video", "no video stream")
-        if not container.streams.audio:
+        if "audio" in need and not container.streams.audio:
             raise MediaError("no_audio", "no audio stream")
-        vs = container.streams.video[0]
-        ast = container.streams.audio[0]
+        if not (use_video or use_audio):
+            raise MediaError("not_a_video", f"none of the streams {', '.join(need + optional)}")
         cdur = container.duration / 1e6 if container.duration else None
-        rate = vs.average_rate or vs.guessed_rate
-        if not rate:
-            raise MediaError("undecodable", "video stream has no frame rate")
-        fps = float(rate)
-        # Count frames and find the real end from the packets (cheap: no decoding).
-        n_packets, last_end = 0, 0.0
-        vstart = vs.start_time or 0
-        try:
-            for pkt in container.demux(vs):
-                if pkt.size == 0 or pkt.pts is None:
-                    continue
-                n_packets += 1
-                last_end = max(last_end, float((pkt.pts - vstart + (pkt.duration or 0)) * vs.time_base))
-        except av.FFmpegError as e:
-            raise MediaError("truncated", f"demuxing stopped at {last_end:.2f} s: {e}") from None
-        # Lenient on purpose: container durations often include a longer audio track. A file cut near its
-        # end passes and is kept with the duration of the packets it really has.
-        declared = _stream_seconds(vs, cdur)
-        if declared and last_end < 0.9 * declared - 1.0:
-            raise MediaError("truncated", f"video packets end at {last_end:.2f} s but the header says {declared:.2f} s")
-        # Decode the first frames and the last second: catches undecodable codecs and damaged tails.
-        container.seek(0)
-        ok = 0
-        try:
-            for _frame in container.decode(vs):
-                ok += 1
-                if ok >= 2:
-                    break
-        except av.FFmpegError as e:
-            raise MediaError("undecodable", f"video codec {vs.codec_context.name!r}: {e}") from None
-        if ok == 0:
-            raise MediaError("undecodable", f"video codec {vs.codec_context.name!r}: no frame decoded")
-        width, height = vs.codec_context.width, vs.codec_context.height
-        channels = ast.codec_context.channels
-        src_rate = ast.codec_context.sample_rate
-        container.seek(0)
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-        chunks, first_pts = [], None
-        try:
-            for fr in container.decode(ast):
-                if first_pts is None and fr.pts is not None:
-                    first_pts = float(fr.pts * fr.time_base)
-                for r in resampler.resample(fr):
-                    chunks.append(r.to_ndarray().reshape(-1))
-            for r in resampler.resample(None):
-                chunks.append(r.to_ndarray().reshape(-1))
-        except av.FFmpegError as e:
-            raise MediaError("undecodable", f"audio codec {ast.codec_context.name!r}: {e}") from None
-        audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-        if audio.size == 0:
-            raise MediaError("undecodable", f"audio codec {ast.codec_context.name!r}: no samples decoded")
-        shift = int(round(((first_pts or 0.0) - float(vstart * vs.time_base)) * sample_rate))
-        audio = np.concatenate([np.zeros(shift, np.float32), audio]) if shift > 0 else audio[-shift:]
-        video_seconds = n_packets / fps
-        audio_seconds = len(audio) / sample_rate
-        duration = min(video_seconds, audio_seconds)
+        meta: dict[str, Any] = {}
+        vstart_s = 0.0
+        if use_video:
+            meta |= _probe_video(container, cdur)
+            vs = container.streams.video[0]
+            vstart_s = float((vs.start_time or 0) * vs.time_base)
+        audio = None
+        if use_audio:
+            try:
+                audio, first_pts, ameta = _extract_audio(container, sample_rate)
+            except MediaError as e:
+                if "audio" in need:
+                    raise
+                use_audio, meta["audio_skipped"] = False, e.detail  # optional and unusable: kept without it, noted
+        if use_audio:
+            if use_video:  # align: sample 0 at the video's first timestamp
+                shift = int(round(((first_pts or 0.0) - vstart_s) * sample_rate))
+                audio = np.concatenate([np.zeros(shift, np.float32), audio]) if shift > 0 else audio[-shift:]
+            meta |= ameta | {"audio_seconds": round(len(audio) / sample_rate, 6), "audio_samples": len(audio)}
+        seconds = [meta[k] for k in ("video_seconds", "audio_seconds") if k in meta]
+        duration = min(seconds)
         if duration < min_seconds:
             raise MediaError("too_short", f"{duration:.2f} s < minimum {min_seconds:g} s")
-        meta = {
-            "duration": round(duration, 6),
-            "video_seconds": round(video_seconds, 6),
-            "audio_seconds": round(audio_seconds, 6),
-            "fps": fps,
-            "num_frames": n_packets,
-            "width": width,
-            "height": height,
-            "video_codec": vs.codec_context.name,
-            "audio_codec": ast.codec_context.name,
-            "audio_streams": len(container.streams.audio),
-            "source_sample_rate": src_rate,
-            "source_channels": channels,
-            "sample_rate": sample_rate,
-            "audio_samples": len(audio),
-        }
+        meta["duration"] = round(duration, 6)
+        meta["modalities"] = [m for m, used in (("video", use_video), ("audio", use_audio)) if used]
     return meta, audio
+
+
+def _probe_video(container: Any, cdur: float | None) -> dict[str, Any]:
+    """The video fields of the manifest record (packets counted without decoding; the first frames decoded)."""
+    import av
+
+    vs = container.streams.video[0]
+    rate = vs.average_rate or vs.guessed_rate
+    if not rate:
+        raise MediaError("undecodable", "video stream has no frame rate")
+    fps = float(rate)
+    n_packets, last_end = 0, 0.0
+    vstart = vs.start_time or 0
+    try:
+        for pkt in container.demux(vs):
+            if pkt.size == 0 or pkt.pts is None:
+                continue
+            n_packets += 1
+            last_end = max(last_end, float((pkt.pts - vstart + (pkt.duration or 0)) * vs.time_base))
+    except av.FFmpegError as e:
+        raise MediaError("truncated", f"demuxing stopped at {last_end:.2f} s: {e}") from None
+    # Lenient on purpose: container durations often include a longer audio track. A file cut near its
+    # end passes and is kept with the duration of the packets it really has.
+    declared = _stream_seconds(vs, cdur)
+    if declared and last_end < 0.9 * declared - 1.0:
+        raise MediaError("truncated", f"video packets end at {last_end:.2f} s but the header says {declared:.2f} s")
+    # Decode the first frames: catches undecodable codecs.
+    container.seek(0)
+    ok = 0
+    try:
+        for _frame in container.decode(vs):
+            ok += 1
+            if ok >= 2:
+                break
+    except av.FFmpegError as e:
+        raise MediaError("undecodable", f"video codec {vs.codec_context.name!r}: {e}") from None
+    if ok == 0:
+        raise MediaError("undecodable", f"video codec {vs.codec_context.name!r}: no frame decoded")
+    container.seek(0)
+    return {
+        "video_seconds": round(n_packets / fps, 6),
+        "fps": fps,
+        "num_frames": n_packets,
+        "width": vs.codec_context.width,
+        "height": vs.codec_context.height,
+        "video_codec": vs.codec_context.name,
+    }
+
+
+def _extract_audio(container: Any, sample_rate: int) -> tuple[np.ndarray, float | None, dict[str, Any]]:
+    """(mono float32 samples at ``sample_rate``, the first frame's time in seconds, the audio fields of the record)."""
+    import av
+
+    ast = container.streams.audio[0]
+    container.seek(0)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    chunks, first_pts = [], None
+    try:
+        for fr in container.decode(ast):
+            if first_pts is None and fr.pts is not None:
+                first_pts = float(fr.pts * fr.time_base)
+            for r in resampler.resample(fr):
+                chunks.append(r.to_ndarray().reshape(-1))
+        for r in resampler.resample(None):
+            chunks.append(r.to_ndarray().reshape(-1))
+    except av.FFmpegError as e:
+        raise MediaError("undecodable", f"audio codec {ast.codec_context.name!r}: {e}") from None
+    audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if audio.size == 0:
+        raise MediaError("undecodable", f"audio codec {ast.codec_context.name!r}: no samples decoded")
+    meta = {
+        "audio_codec": ast.codec_context.name,
+        "audio_streams": len(container.streams.audio),
+        "source_sample_rate": ast.codec_context.sample_rate,
+        "source_channels": ast.codec_context.channels,
+        "sample_rate": sample_rate,
+    }
+    return audio, first_pts, meta

@@ -1,7 +1,11 @@
 """Prepare a folder of videos for training: probe every file, extract its audio, record kept and rejected files.
 
-``python -m avmt.data.prepare (--root DIR | --csv FILE) --out OUT [--sample-rate 44100] [--min-seconds 2]
-[--workers 4] [--probe-timeout 300] [--transcode [--short-side N] [--fps F] [--preset paper]]``
+``python -m avmt.data.prepare (--root DIR | --csv FILE | --format F ...) --out OUT [--sample-rate 44100]
+[--min-seconds 2] [--workers 4] [--probe-timeout 300] [--transcode [--short-side N] [--fps F] [--preset paper]]``
+
+- ``--format ucf101 --root DIR --splits DIR``, ``--format esc50 --root DIR``, ``--format kinetics-sounds --root DIR
+  [--csv FILE]``: the transfer datasets as they ship (:mod:`avmt.data.layouts`); records carry their split or fold
+  and the modalities they have (``modalities``: UCF101 videos may lack audio, ESC-50 is audio only).
 
 - ``--root DIR``: every file under ``DIR/<label>/`` (any depth below the class folder) is an input; files
   directly in ``DIR`` are rejected with reason ``no_label``.
@@ -70,12 +74,19 @@ REASONS = (
 
 @dataclass
 class Item:
-    """One input file: its path (as given), label and optional usable span in seconds."""
+    """One input file: its path (as given), label and optional usable span in seconds. ``need``: the streams it must
+    have, ``optional``: those kept when present (:func:`avmt.data.media.probe_and_extract`). ``label_index``: fixed
+    by the dataset's own class list (None: from the sorted label names). ``fields``: copied into its record as they
+    are (a dataset layout's split or fold)."""
 
     path: str
     label: str | None
     start: float | None = None
     end: float | None = None
+    need: tuple[str, ...] = ("video", "audio")
+    optional: tuple[str, ...] = ()
+    label_index: int | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,7 +216,7 @@ def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]
         "span": [item.start, item.end],
         "size": st[0] if st else None,
         "mtime_ns": st[1] if st else None,
-    }
+    } | item.fields
     if item.label is None:
         return base | {"reason": "no_label", "detail": "file is not inside a class folder and has no CSV label"}
     why = _not_regular(item.path)
@@ -213,7 +224,7 @@ def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]
         return base | {"reason": "not_regular_file", "detail": why}
     try:
         with _time_limit(timeout_s):
-            meta, audio = probe_and_extract(item.path, sample_rate, min_seconds)
+            meta, audio = probe_and_extract(item.path, sample_rate, min_seconds, item.need, item.optional)
         start = item.start or 0.0
         end = min(item.end, meta["duration"]) if item.end is not None else meta["duration"]
         if not 0 <= start < end or end - start < min_seconds:
@@ -223,16 +234,18 @@ def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]
                 f"{meta['duration']:.2f} s (minimum {min_seconds:g} s)",
             }
         key = _file_key(item.path)
-        flac = Path(out) / "audio" / f"{key}.flac"
-        tmp = flac.with_name(flac.name + ".part.flac")
-        try:
-            write_flac(tmp, audio, sample_rate)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, flac)
-        rec = base | {"reason": None, "id": key, "audio": str(flac), "start": start, "end": end, **meta}
-        if transcode is None:
+        flac = None
+        if audio is not None:
+            flac = Path(out) / "audio" / f"{key}.flac"
+            tmp = flac.with_name(flac.name + ".part.flac")
+            try:
+                write_flac(tmp, audio, sample_rate)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            os.replace(tmp, flac)
+        rec = base | {"reason": None, "id": key, "audio": str(flac) if flac else None, "start": start, "end": end, **meta}
+        if transcode is None or "video" not in meta["modalities"]:
             return rec
         t0 = time.perf_counter()
         with _time_limit(timeout_s):
@@ -309,11 +322,12 @@ def prepare(
             and rec.get("size") == st[0]
             and rec.get("mtime_ns") == st[1]
             and rec.get("span") == [it.start, it.end]
+            and all(rec.get(k) == v for k, v in it.fields.items())
             and (
                 rec.get("reason") is not None
                 or (
-                    Path(rec["audio"]).exists()
-                    and rec.get("transcode") == (transcode.to_dict() if transcode else None)
+                    (rec.get("audio") is None or Path(rec["audio"]).exists())
+                    and rec.get("transcode") == (transcode.to_dict() if transcode and "video" in _modalities(rec) else None)
                     and Path(rec["path"]).exists()
                 )
             )
@@ -360,8 +374,11 @@ def prepare(
             ) from None
     bar.close()
     # Rewrite both files in input order, one record per input, and the label table.
-    labels = sorted({r["label"] for r in done.values() if r.get("reason") is None})
-    index = {name: i for i, name in enumerate(labels)}
+    fixed = {it.label: it.label_index for it in items if it.label_index is not None}
+    if fixed:  # the dataset's own class list (every item of such a layout carries its index)
+        index = dict(sorted(fixed.items(), key=lambda kv: kv[1]))
+    else:
+        index = {name: i for i, name in enumerate(sorted({r["label"] for r in done.values() if r.get("reason") is None}))}
     kept = [done[it.path] | {"label_index": index[done[it.path]["label"]]} for it in items if done[it.path].get("reason") is None]
     rejected = [done[it.path] for it in items if done[it.path].get("reason") is not None]
     for path, recs in ((man_path, kept), (rej_path, rejected)):
@@ -383,16 +400,28 @@ def prepare(
     return summary
 
 
+def _modalities(rec: dict) -> list[str]:
+    return rec.get("modalities") or ["video", "audio"]  # records of earlier versions: both
+
+
 def _input_path(rec: dict) -> str:
     """The input file a record is about (a transcoded record's ``path`` is its output)."""
     return (rec.get("source") or {}).get("path") or rec["path"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from avmt.data.layouts import FORMATS
+
     p = argparse.ArgumentParser(prog="python -m avmt.data.prepare", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--root", type=Path, help="folder with one sub-folder per class")
-    src.add_argument("--csv", type=Path, help="CSV with path,label[,start,end]")
+    p.add_argument("--root", type=Path, help="folder with one sub-folder per class (or the dataset of --format)")
+    p.add_argument("--csv", type=Path, help="CSV with path,label[,start,end] (kinetics-sounds: youtube_id,time_start,time_end,label,split)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="input layout (default: folders with --root, csv with --csv); ucf101, esc50, kinetics-sounds: as those datasets ship",
+    )
+    p.add_argument("--splits", type=Path, help="ucf101: the folder with classInd.txt, trainlist0N.txt, testlist0N.txt")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sample-rate", type=int, default=44100)
     p.add_argument("--min-seconds", type=float, default=2.0, help="shorter files are rejected (default: one paper clip)")
@@ -405,8 +434,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     a = p.parse_args(argv)
+    fmt = a.format or ("csv" if a.csv and not a.root else "folders")
+    needs = {"folders": (a.root, "--root"), "csv": (a.csv, "--csv"), "ucf101": (a.root and a.splits, "--root and --splits")}
+    needs |= {"esc50": (a.root, "--root"), "kinetics-sounds": (a.root, "--root (and optionally --csv)")}
+    given, what = needs[fmt]
+    extra = (a.splits and fmt != "ucf101") or (a.csv and fmt not in ("csv", "kinetics-sounds")) or (a.root and fmt == "csv")
+    if not given or extra:
+        print(f"error: --format {fmt} takes {what}", file=sys.stderr)
+        return 2
     try:
-        items = scan_root(a.root) if a.root else scan_csv(a.csv)
+        from avmt.data import layouts
+
+        items = {
+            "folders": lambda: scan_root(a.root),
+            "csv": lambda: scan_csv(a.csv),
+            "ucf101": lambda: layouts.scan_ucf101(a.root, a.splits),
+            "esc50": lambda: layouts.scan_esc50(a.root),
+            "kinetics-sounds": lambda: layouts.scan_kinetics_sounds(a.root, a.csv),
+        }[fmt]()
     except (OSError, ValueError) as e:
         if a.debug:
             raise

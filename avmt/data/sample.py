@@ -5,14 +5,15 @@ generator; ``max_retries`` failures in a row raise :class:`SampleError`, naming 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
 
 from avmt.config import DataConfig
-from avmt.data.clips import CropPlan, SequencePlan, plan_crop, plan_sequence, sample_rng
-from avmt.data.manifest import Record
+from avmt.data.clips import CropPlan, SequencePlan, View, plan_crop, plan_sequence, sample_rng
+from avmt.data.manifest import Record, modalities_of
 from avmt.data.media import read_audio
 
 log = logging.getLogger("avmt.data")
@@ -20,10 +21,17 @@ log = logging.getLogger("avmt.data")
 T = TypeVar("T")
 
 
-def plan_sample(rec: Record, cfg: DataConfig, train: bool, rng: np.random.Generator | None) -> tuple[SequencePlan, CropPlan]:
-    """The sequence and crop plan of manifest record ``rec`` (the same in both loaders for the same rng)."""
-    seq = plan_sequence(cfg, rec["duration"], rec["fps"], rec["num_frames"], train, rng, (rec.get("start", 0.0), rec.get("end")))
-    crop = plan_crop(cfg, rec["height"], rec["width"], train, rng)
+def plan_sample(
+    rec: Record, cfg: DataConfig, train: bool, rng: np.random.Generator | None, view: View | None = None
+) -> tuple[SequencePlan, CropPlan | None]:
+    """The sequence and crop plan of manifest record ``rec`` (the same in both loaders for the same rng and view).
+    A record without video has no crop plan (None); its frame grid is a nominal one at ``data.fps``, unused."""
+    has_video = "video" in modalities_of(rec)
+    fps = rec["fps"] if has_video else cfg.fps
+    frames = rec["num_frames"] if has_video else max(1, math.ceil(rec["duration"] * fps))
+    span = (rec.get("start", 0.0), rec.get("end"))
+    seq = plan_sequence(cfg, rec["duration"], fps, frames, train, rng, span, view)
+    crop = plan_crop(cfg, rec["height"], rec["width"], train, rng, view) if has_video else None
     return seq, crop
 
 
