@@ -54,6 +54,9 @@ from avmt.config import Config, ConfigError, config_from_dict
 from avmt.models import AVBert
 from avmt.models.avbert import AVBertOutput
 from avmt.objectives import Pretraining, swap_permutation
+from avmt.protocols import DEFAULTS as TRANSFER_DEFAULTS
+from avmt.protocols import PROTOCOLS as TRANSFER_PROTOCOLS
+from avmt.protocols import ProtocolError
 
 HEADS = ("visual", "audio", "audiovisual")
 PROTOCOLS = ("linear", "finetune")
@@ -479,9 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, default=None, help="labelled manifest.jsonl (default: the one the run trained on)")
     parser.add_argument(
         "--protocol",
-        choices=PROTOCOLS,
+        choices=PROTOCOLS + TRANSFER_PROTOCOLS,
         default="linear",
-        help="linear: logistic regression on frozen features (default, cheap); finetune: train the whole model + head",
+        help="linear: logistic regression on frozen features (default, cheap); finetune: train the whole model + head; "
+        "ucf101, esc50, kinetics-sounds: the paper's transfer protocols as the authors' code runs them (avmt.protocols)",
     )
     parser.add_argument("--heads", default=",".join(HEADS), help=f"comma-separated subset of {','.join(HEADS)} (default: all)")
     parser.add_argument("--views", type=int, default=1, help="views per video, logits averaged (default 1)")
@@ -491,14 +495,22 @@ def main(argv: list[str] | None = None) -> int:
         "--loader", choices=("auto", "cpu", "dali"), default=None, help="data loader (default: the checkpoint's data.loader)"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    ft = parser.add_argument_group("fine-tuning (--protocol finetune)")
-    ft.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
-    ft.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate of AdamW (default {defaults.lr:g})")
-    ft.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
-    ft.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help=f"default {defaults.weight_decay:g}")
-    ft.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction, help=f"default {defaults.warmup_fraction:g}")
-    ft.add_argument("--dropout", type=float, default=defaults.dropout, help=f"before the linear head (default {defaults.dropout:g})")
-    ft.add_argument("--seed", type=int, default=defaults.seed, help=f"head init, dropout, data order (default {defaults.seed})")
+    ft = parser.add_argument_group("training (--protocol finetune, and the transfer protocols: their own defaults)")
+    ft.add_argument("--epochs", type=int, default=None, help=f"default {defaults.epochs}; transfer: the authors' (20 / 300 / 20)")
+    ft.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {defaults.lr:g}); transfer: the backbone's")
+    ft.add_argument("--batch-size", type=int, default=None, help=f"default {defaults.batch_size}; transfer: 32 / 128 / 5")
+    ft.add_argument("--weight-decay", type=float, default=None, help=f"default {defaults.weight_decay:g}; transfer: 5e-6")
+    ft.add_argument("--warmup-fraction", type=float, default=None, help=f"default {defaults.warmup_fraction:g} (finetune only)")
+    ft.add_argument("--dropout", type=float, default=None, help=f"before the linear head (default {defaults.dropout:g})")
+    ft.add_argument("--seed", type=int, default=None, help=f"head init, dropout, data order (default {defaults.seed})")
+    tr = parser.add_argument_group("transfer protocols (--protocol ucf101 | esc50 | kinetics-sounds)")
+    tr.add_argument("--split", "--fold", dest="split", default=None, help="run one split (UCF101 1-3) or fold (ESC-50 1-5) only")
+    tr.add_argument("--head-lr", type=float, default=None, help="learning rate of the heads (0.03 / 0.003 / 1e-3)")
+    tr.add_argument("--train-repeats", type=int, default=None, help="samples of each training video per epoch (10 / 10 / 1)")
+    tr.add_argument("--temporal-views", type=int, default=None, help="test clips per video (10 / 10 / 1)")
+    tr.add_argument("--spatial-views", type=int, default=None, help="test crops per clip (3 / - / 3)")
+    tr.add_argument("--test-crop", type=int, default=None, help="test short side and crop in px (128)")
+    tr.add_argument("data_overrides", nargs="*", metavar="data.key=value", help="data settings of the protocol, e.g. data.frames=8")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
@@ -521,21 +533,32 @@ def main(argv: list[str] | None = None) -> int:
     heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
     if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
         parser.error(f"--heads {args.heads!r} is invalid: expected a comma-separated subset of {','.join(HEADS)}")
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    common = given(epochs=args.epochs, batch_size=args.batch_size, weight_decay=args.weight_decay, dropout=args.dropout, seed=args.seed)
+    transfer = args.protocol in TRANSFER_PROTOCOLS
     try:
-        settings = FinetuneSettings(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup_fraction=args.warmup_fraction,
-            dropout=args.dropout,
-            seed=args.seed,
-        )
+        if transfer:
+            extra = given(
+                backbone_lr=args.lr,
+                head_lr=args.head_lr,
+                train_repeats=args.train_repeats,
+                temporal_views=args.temporal_views,
+                spatial_views=args.spatial_views,
+                test_crop=args.test_crop,
+            )
+            settings = dataclasses.replace(TRANSFER_DEFAULTS[args.protocol], **common, **extra)
+        else:
+            stray = [f for f, v in (("--split", args.split), ("--head-lr", args.head_lr), ("data overrides", args.data_overrides)) if v]
+            if stray:
+                parser.error(f"{stray[0]} is for the transfer protocols (ucf101, esc50, kinetics-sounds)")
+            settings = FinetuneSettings(**common, **given(lr=args.lr, warmup_fraction=args.warmup_fraction))
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (EvaluationError, RuntimeError) as e:
+    except (EvaluationError, ProtocolError, RuntimeError) as e:
         parser.error(str(e))
     if args.manifest is not None and not args.manifest.exists():
         parser.error(f"--manifest {args.manifest} does not exist")
+    if transfer:
+        return _transfer_main(args, ckpt, settings, device)
 
     from avmt.data.loader import LoaderError, check_dali_cpu_codecs, select_loader
     from avmt.data.manifest import load_manifest
@@ -610,6 +633,46 @@ def main(argv: list[str] | None = None) -> int:
                 f"accuracy {c['accuracy']:.3f}; matched {c['matched']:.3f}, swapped from another class {c['swapped_other_class']:.3f}, "
                 f"from the same class {c['swapped_same_class']:.3f} ({100 * c['same_class_share']:.0f}% of swaps)"
             )
+    return 0
+
+
+def _transfer_main(args: argparse.Namespace, ckpt: Path, settings: Any, device: torch.device) -> int:
+    """``--protocol ucf101 | esc50 | kinetics-sounds``: :func:`avmt.protocols.run_protocol` on the checkpoint's model."""
+    from avmt.data.loader import LoaderError
+    from avmt.data.manifest import load_manifest
+    from avmt.protocols import run_protocol, table
+
+    try:
+        state = load_checkpoint(ckpt)
+        cfg = config_from_dict(state["config"])
+        if args.loader is not None:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=args.loader))
+        if args.manifest is None:
+            raise EvaluationError(f"--protocol {args.protocol} needs --manifest (prepared with --format {args.protocol})")
+        records = load_manifest(args.manifest)
+        folds = [args.split] if args.split else None
+        results: dict[str, Any] = {"checkpoint": str(ckpt), "manifest": str(args.manifest)}
+
+        def run(model: AVBert) -> dict[str, Any]:
+            return run_protocol(args.protocol, model, cfg.data, records, settings, device, folds, not args.quiet, args.data_overrides)
+
+        model = AVBert(cfg.model)
+        load_model_weights(ckpt, model)  # verified by load_checkpoint above
+        results["pretrained"] = run(model)
+        if args.compare_random:
+            torch.manual_seed(cfg.train.seed)
+            results["random_init"] = run(AVBert(cfg.model))
+    except (EvaluationError, ProtocolError, LoaderError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"avmt.evaluate: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for name in ("pretrained", "random_init"):
+            if name in results:
+                print(f"{name}:\n{table(results[name])}\n")
     return 0
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import wave
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
-from data_fixtures import SR, TEST_CFG, make_synth
+from data_fixtures import SR, TEST_CFG
+from layout_fixtures import UCF_CLASSES, make_esc50, make_kinetics, make_ucf101, write_wav
 
 from avmt.data.clips import View
 from avmt.data.layouts import scan_esc50, scan_kinetics_sounds, scan_ucf101
@@ -21,53 +19,20 @@ from avmt.data.loader_cpu import CPULoader
 from avmt.data.manifest import load_manifest
 from avmt.data.prepare import main, prepare
 
-UCF_CLASSES = ("ApplyEyeMakeup", "Basketball", "YoYo")
-
-
-def _to_avi(src: Path, dst: Path, audio: bool) -> None:
-    """``src`` re-encoded as UCF101 ships: AVI with MPEG-4 part 2 video (UCF101 is XviD) and, if ``audio``, PCM
-    sound (``audio=False`` drops it, as about half of UCF101 has none)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(src)) as inp, av.open(str(dst), "w", format="avi") as out:
-        vin = inp.streams.video[0]
-        vout = out.add_stream("mpeg4", rate=vin.average_rate)
-        vout.width, vout.height, vout.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
-        aout = out.add_stream("pcm_s16le", rate=SR, layout="mono") if audio else None
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=SR)
-        for packet in inp.demux(vin, inp.streams.audio[0]):  # one interleaved pass, as a real file is written
-            for frame in packet.decode():
-                if packet.stream is vin:
-                    frame.pict_type = 0
-                    out.mux(vout.encode(frame))
-                elif aout is not None:
-                    for r in resampler.resample(frame):
-                        r.pts = None
-                        out.mux(aout.encode(r))
-        out.mux(vout.encode(None))
-        if aout is not None:
-            out.mux(aout.encode(None))
-
 
 @pytest.fixture(scope="module")
 def ucf101(tmp_path_factory):
-    """3 classes x 4 videos (groups 1-4) in UCF101's layout, the even ones without audio, and its splits folder:
-    split k tests group k (UCF101 splits by group too, so no group is in train and test of one split)."""
-    base = tmp_path_factory.mktemp("ucf")
-    src = sorted(make_synth(base / "synth", "mp4", count=12, seconds=3.0).rglob("*.mp4"))
-    root, splits = base / "UCF-101", base / "ucfTrainTestlist"
-    splits.mkdir()
-    (splits / "classInd.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(UCF_CLASSES, 1)))
-    names = []
-    for n, s in enumerate(src):
-        cls, group = UCF_CLASSES[n % 3], n // 3 + 1
-        name = f"{cls}/v_{cls}_g{group:02d}_c01.avi"
-        _to_avi(s, root / name, audio=n % 2 == 1)
-        names.append((name, group))
-    for k in (1, 2, 3):
-        train = [f"{nm} {UCF_CLASSES.index(nm.split('/')[0]) + 1}\n" for nm, g in names if g != k]
-        (splits / f"trainlist{k:02d}.txt").write_text("".join(train))
-        (splits / f"testlist{k:02d}.txt").write_text("".join(f"{nm}\n" for nm, g in names if g == k))
-    return root, splits
+    return make_ucf101(tmp_path_factory.mktemp("ucf"))
+
+
+@pytest.fixture(scope="module")
+def esc50(tmp_path_factory):
+    return make_esc50(tmp_path_factory.mktemp("esc"))
+
+
+@pytest.fixture(scope="module")
+def kinetics(tmp_path_factory):
+    return make_kinetics(tmp_path_factory.mktemp("ks"))
 
 
 def test_ucf101_layout_prepares_with_classind_labels_splits_and_silent_videos(ucf101, tmp_path):
@@ -105,30 +70,6 @@ def test_ucf101_split_errors_are_named(ucf101, tmp_path):
     assert main(["--format", "ucf101", "--root", str(root), "--out", str(tmp_path / "o")]) == 2  # --splits missing
 
 
-def _write_wav(path: Path, seconds: float, rate: int, freq: float) -> None:
-    t = np.arange(int(seconds * rate)) / rate
-    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-
-
-@pytest.fixture(scope="module")
-def esc50(tmp_path_factory):
-    """ESC-50's layout: 5 folds x 2 classes of 5 s, 44.1 kHz mono wav clips and meta/esc50.csv."""
-    root = tmp_path_factory.mktemp("esc") / "ESC-50-master"
-    rows = ["filename,fold,target,category,esc10,src_file,take"]
-    for fold in range(1, 6):
-        for target, category in ((0, "dog"), (1, "rooster")):
-            name = f"{fold}-{1000 + fold}-A-{target}.wav"
-            _write_wav(root / "audio" / name, 5.0, 44100, 300.0 + 500 * target + 20 * fold)
-            rows.append(f"{name},{fold},{target},{category},True,{1000 + fold},A")
-    (root / "meta").mkdir()
-    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
-    return root
-
-
 def test_esc50_layout_gives_audio_only_records_whose_folds_partition_the_set(esc50, tmp_path):
     out = tmp_path / "esc"
     assert main(["--format", "esc50", "--root", str(esc50), "--out", str(out), "--sample-rate", str(SR), "--quiet"]) == 0
@@ -139,7 +80,7 @@ def test_esc50_layout_gives_audio_only_records_whose_folds_partition_the_set(esc
     assert all(len(f) == 2 for f in folds) and set().union(*folds) == {r["path"] for r in recs}  # a partition
     assert all(r["duration"] == pytest.approx(5.0, abs=0.01) for r in recs)
     # an unlisted file is rejected with its reason; a CSV row whose name contradicts its fold is an error
-    _write_wav(esc50.parent / "extra" / "audio" / "9-1-A-0.wav", 5.0, 44100, 440.0)
+    write_wav(esc50.parent / "extra" / "audio" / "9-1-A-0.wav", 5.0, 44100, 440.0)
     (esc50.parent / "extra" / "meta").mkdir()
     (esc50.parent / "extra" / "meta" / "esc50.csv").write_text("filename,fold,target,category\n9-1-A-0.wav,2,0,dog\n")
     with pytest.raises(ValueError, match="does not match fold 2 and target 0"):
@@ -181,25 +122,6 @@ def test_video_only_loading_and_deterministic_test_views(ucf101, tmp_path):
     whole = dataclasses.replace(cfg, crop_size=64)
     full = list(CPULoader(recs, whole, 12, train=False, num_workers=0, modalities=("video",), view=View(1, 3)))
     assert torch.equal(views[1, 0], full[0]["video"][..., 8:56, 0:48]) and torch.equal(views[1, 2], full[0]["video"][..., 8:56, 16:64])
-
-
-@pytest.fixture(scope="module")
-def kinetics(tmp_path_factory):
-    """Kinetics-Sounds' released layout: ROOT/{train,test}/<label>/<youtube_id>_<start>_<end>.mp4."""
-    base = tmp_path_factory.mktemp("ks")
-    src = sorted(make_synth(base / "synth", "mp4", count=6, seconds=3.0).rglob("*.mp4"))
-    root = base / "kinetics-sounds"
-    rows = ["youtube_id,time_start,time_end,label,split"]
-    for n, s in enumerate(src):
-        split, label = ("train" if n < 4 else "test"), ("playing drums" if n % 2 else "dog barking")
-        vid = f"yt{n:09d}"
-        dst = root / split / label / f"{vid}_{10 * n:06d}_{10 * n + 10:06d}.mp4"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(s.read_bytes())
-        rows.append(f"{vid},{10 * n},{10 * n + 10},{label},{split}")
-    rows.append("ytmissing00,0,10,dog barking,test")
-    (base / "kinetics_sounds.csv").write_text("\n".join(rows) + "\n")
-    return root, base / "kinetics_sounds.csv"
 
 
 def test_kinetics_sounds_folder_and_csv_layouts(kinetics, tmp_path):
