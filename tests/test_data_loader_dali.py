@@ -236,3 +236,14 @@ def test_auto_picks_dali_on_a_gpu_and_trains(tmp_path_factory):
     assert batch["video"].is_cuda and batch["audio"].is_cuda
     summary = train(cfg, progress=False)
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+
+
+def test_dali_video_only_batches_hold_no_audio_and_the_same_video(webm):
+    from avmt.data.loader_dali import DALILoader
+
+    both = list(DALILoader(webm, TEST_CFG, B, train=False, device_id=None))
+    video = list(DALILoader(webm, TEST_CFG, B, train=False, device_id=None, modalities=("video",)))
+    assert all("audio" not in b for b in video) and len(video) == len(both)
+    assert all(torch.equal(a["video"], b["video"]) and torch.equal(a["index"], b["index"]) for a, b in zip(both, video))
+    with pytest.raises(ValueError, match="for audio alone use the CPU loader"):
+        DALILoader(webm, TEST_CFG, B, train=False, device_id=None, modalities=("audio",))
