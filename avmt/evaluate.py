@@ -471,6 +471,82 @@ def evaluate_finetune(
 # -- command line -------------------------------------------------------------------------------------------------
 
 
+def _transfer(args: argparse.Namespace, ckpt: Path, cfg: Config, settings: Any, device: torch.device) -> dict[str, Any]:
+    """``--protocol ucf101 | esc50 | kinetics-sounds``: :func:`avmt.protocols.run_protocol` on the checkpoint's model
+    (and its random initialisation with ``--compare-random``)."""
+    from avmt.data.manifest import load_manifest
+    from avmt.protocols import run_protocol
+
+    if args.manifest is None:
+        raise EvaluationError(f"--protocol {args.protocol} needs --manifest (prepared with --format {args.protocol})")
+    records = load_manifest(args.manifest)
+    folds = [args.split] if args.split else None
+    results: dict[str, Any] = {"checkpoint": str(ckpt), "manifest": str(args.manifest)}
+
+    def run(model: AVBert) -> dict[str, Any]:
+        return run_protocol(args.protocol, model, cfg.data, records, settings, device, folds, not args.quiet, args.data_overrides)
+
+    model = AVBert(cfg.model)
+    load_model_weights(ckpt, model)  # the caller verified the checkpoint
+    results["pretrained"] = run(model)
+    if args.compare_random:
+        torch.manual_seed(cfg.train.seed)  # the initialisation the run started from
+        results["random_init"] = run(AVBert(cfg.model))
+    return results
+
+
+def _classify(
+    args: argparse.Namespace, ckpt: Path, state: dict[str, Any], cfg: Config, heads: tuple[str, ...], settings: Any, device: torch.device
+) -> dict[str, Any]:
+    """``--protocol linear | finetune`` on the checkpoint (and its random initialisation with ``--compare-random``)."""
+    from avmt.data.loader import check_dali_cpu_codecs, select_loader
+    from avmt.data.manifest import load_manifest
+    from avmt.train import synthetic_manifest
+
+    loader = select_loader(cfg.data.loader, device)
+    manifest = args.manifest or (Path(cfg.data.manifest) if cfg.data.manifest else synthetic_manifest(cfg.data, progress=False))
+    records = load_manifest(manifest)
+    if loader == "dali" and device.type != "cuda":
+        check_dali_cpu_codecs(records)
+    labels, _, _ = labelled_split(records, args.test_fraction)  # labels and splits, before any model work
+    results: dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "manifest": str(manifest),
+        "protocol": args.protocol,
+        "views": args.views,
+        "heads": list(heads),
+        "test_videos": sum(split_of(r["path"], args.test_fraction) == "test" for r in records),
+        "videos": len(records),
+    }
+    if args.protocol == "finetune":
+        results["settings"] = dataclasses.asdict(settings)
+
+    def run(model: AVBert) -> dict[str, dict[str, Any]]:
+        model.to(device)
+        if args.protocol == "linear":
+            scores = evaluate(model, cfg, records, args.views, args.test_fraction, progress=not args.quiet, device=device)
+            return {h: scores[h] for h in heads}
+        return evaluate_finetune(
+            model, cfg, records, args.views, args.test_fraction, settings, heads, progress=not args.quiet, device=device
+        )
+
+    if "converted_from" in state:  # python -m avmt.convert: the model only, no pretraining heads to score CPP with
+        model = AVBert(cfg.model)
+        load_model_weights(ckpt, model)  # verified by the first load_checkpoint above
+        results["converted_from"] = state["converted_from"]
+        results["pretrained"] = run(model)
+    else:
+        pretrained = Pretraining(AVBert(cfg.model), cfg.objective)
+        load_checkpoint(ckpt, pretrained, verified=True)  # verified by the first load_checkpoint above
+        results["pretrained"] = run(pretrained.model)
+        if cfg.objective.cpp > 0:  # the pretraining task itself, as a check of the checkpoint
+            results["pretrained_cpp"] = pair_accuracy(pretrained, cfg, records, labels, args.views, progress=not args.quiet, device=device)
+    if args.compare_random:
+        torch.manual_seed(cfg.train.seed)  # the initialisation the run started from
+        results["random_init"] = run(AVBert(cfg.model))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = FinetuneSettings()
     parser = argparse.ArgumentParser(
@@ -557,68 +633,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.manifest is not None and not args.manifest.exists():
         parser.error(f"--manifest {args.manifest} does not exist")
-    if transfer:
-        return _transfer_main(args, ckpt, settings, device)
 
-    from avmt.data.loader import LoaderError, check_dali_cpu_codecs, select_loader
-    from avmt.data.manifest import load_manifest
-    from avmt.train import synthetic_manifest
+    from avmt.data.loader import LoaderError
 
     try:
         state = load_checkpoint(ckpt)
         cfg = config_from_dict(state["config"])
         if args.loader is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=args.loader))
-        loader = select_loader(cfg.data.loader, device)
-        manifest = args.manifest or (Path(cfg.data.manifest) if cfg.data.manifest else synthetic_manifest(cfg.data, progress=False))
-        records = load_manifest(manifest)
-        if loader == "dali" and device.type != "cuda":
-            check_dali_cpu_codecs(records)
-        labels, _, _ = labelled_split(records, args.test_fraction)  # labels and splits, before any model work
-        results: dict[str, Any] = {
-            "checkpoint": str(ckpt),
-            "manifest": str(manifest),
-            "protocol": args.protocol,
-            "views": args.views,
-            "heads": list(heads),
-            "test_videos": sum(split_of(r["path"], args.test_fraction) == "test" for r in records),
-            "videos": len(records),
-        }
-        if args.protocol == "finetune":
-            results["settings"] = dataclasses.asdict(settings)
-
-        def run(model: AVBert) -> dict[str, dict[str, Any]]:
-            model.to(device)
-            if args.protocol == "linear":
-                scores = evaluate(model, cfg, records, args.views, args.test_fraction, progress=not args.quiet, device=device)
-                return {h: scores[h] for h in heads}
-            return evaluate_finetune(
-                model, cfg, records, args.views, args.test_fraction, settings, heads, progress=not args.quiet, device=device
-            )
-
-        if "converted_from" in state:  # python -m avmt.convert: the model only, no pretraining heads to score CPP with
-            model = AVBert(cfg.model)
-            load_model_weights(ckpt, model)  # verified by the first load_checkpoint above
-            results["converted_from"] = state["converted_from"]
-            results["pretrained"] = run(model)
-        else:
-            pretrained = Pretraining(AVBert(cfg.model), cfg.objective)
-            load_checkpoint(ckpt, pretrained, verified=True)  # verified by the first load_checkpoint above
-            results["pretrained"] = run(pretrained.model)
-            if cfg.objective.cpp > 0:  # the pretraining task itself, as a check of the checkpoint
-                results["pretrained_cpp"] = pair_accuracy(
-                    pretrained, cfg, records, labels, args.views, progress=not args.quiet, device=device
-                )
-        if args.compare_random:
-            torch.manual_seed(cfg.train.seed)  # the initialisation the run started from
-            results["random_init"] = run(AVBert(cfg.model))
-    except (EvaluationError, LoaderError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        results = _transfer(args, ckpt, cfg, settings, device) if transfer else _classify(args, ckpt, state, cfg, heads, settings, device)
+    except (EvaluationError, ProtocolError, LoaderError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         if args.debug:
             raise
         print(f"avmt.evaluate: error: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(results, indent=2))
+    elif transfer:
+        from avmt.protocols import table
+
+        for name in ("pretrained", "random_init"):
+            if name in results:
+                print(f"{name}:\n{table(results[name])}\n")
     else:
         print(f"{args.protocol}: {results['videos']} videos ({results['test_videos']} test), {args.views} view(s)")
         for name in ("pretrained", "random_init"):
@@ -633,46 +669,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"accuracy {c['accuracy']:.3f}; matched {c['matched']:.3f}, swapped from another class {c['swapped_other_class']:.3f}, "
                 f"from the same class {c['swapped_same_class']:.3f} ({100 * c['same_class_share']:.0f}% of swaps)"
             )
-    return 0
-
-
-def _transfer_main(args: argparse.Namespace, ckpt: Path, settings: Any, device: torch.device) -> int:
-    """``--protocol ucf101 | esc50 | kinetics-sounds``: :func:`avmt.protocols.run_protocol` on the checkpoint's model."""
-    from avmt.data.loader import LoaderError
-    from avmt.data.manifest import load_manifest
-    from avmt.protocols import run_protocol, table
-
-    try:
-        state = load_checkpoint(ckpt)
-        cfg = config_from_dict(state["config"])
-        if args.loader is not None:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=args.loader))
-        if args.manifest is None:
-            raise EvaluationError(f"--protocol {args.protocol} needs --manifest (prepared with --format {args.protocol})")
-        records = load_manifest(args.manifest)
-        folds = [args.split] if args.split else None
-        results: dict[str, Any] = {"checkpoint": str(ckpt), "manifest": str(args.manifest)}
-
-        def run(model: AVBert) -> dict[str, Any]:
-            return run_protocol(args.protocol, model, cfg.data, records, settings, device, folds, not args.quiet, args.data_overrides)
-
-        model = AVBert(cfg.model)
-        load_model_weights(ckpt, model)  # verified by load_checkpoint above
-        results["pretrained"] = run(model)
-        if args.compare_random:
-            torch.manual_seed(cfg.train.seed)
-            results["random_init"] = run(AVBert(cfg.model))
-    except (EvaluationError, ProtocolError, LoaderError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        if args.debug:
-            raise
-        print(f"avmt.evaluate: error: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for name in ("pretrained", "random_init"):
-            if name in results:
-                print(f"{name}:\n{table(results[name])}\n")
     return 0
 
 
