@@ -145,3 +145,22 @@ def check_contract(batch: dict, cfg: DataConfig, b: int) -> None:
     assert batch["label"].shape == (b,) and batch["label"].dtype == torch.int64
     assert batch["index"].shape == (b,) and batch["index"].dtype == torch.int64
     assert torch.isfinite(batch["audio"]).all()
+
+
+def write_flac(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write mono float32 ``samples`` in [-1, 1] as 16-bit FLAC: the audio side-car of manifests from earlier versions."""
+    import av
+
+    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
+    with av.open(str(path), "w", format="flac") as c:
+        st = c.add_stream("flac", rate=sample_rate, layout="mono")
+        st.codec_context.format = "s16"
+        for s in range(0, len(pcm), 65536):
+            fr = av.AudioFrame.from_ndarray(pcm[None, s : s + 65536], format="s16", layout="mono")
+            fr.sample_rate = sample_rate
+            fr.pts = s
+            fr.time_base = Fraction(1, sample_rate)
+            for p in st.encode(fr):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)

@@ -71,6 +71,9 @@ def test_rerun_redoes_only_changed_files(mixed_root, tmp_path):
     rej = {r["path"]: r["reason"] for r in read_jsonl(out / "rejected.jsonl")}
     assert rej[str(root2 / "bad" / "empty.mp4")] == "not_a_video"
     assert len(read_jsonl(out / "manifest.jsonl")) + len(rej) == len(scan_root(root2))
+    kept = len(read_jsonl(out / "manifest.jsonl"))
+    s = prepare(scan_root(root2), out, sample_rate=SR // 2, min_seconds=2.0, progress=False)  # another rate: redone
+    assert s.processed == kept and {r["sample_rate"] for r in read_jsonl(out / "manifest.jsonl")} == {SR // 2}
 
 
 def test_csv_input_with_spans(mixed_root, tmp_path):
@@ -92,7 +95,7 @@ def test_csv_input_with_spans(mixed_root, tmp_path):
 
 
 def test_extracted_audio_is_aligned_with_the_source(mixed_root, tmp_path):
-    """The FLAC written by prepare lines up with the synthesised waveform (AAC priming removed)."""
+    """The audio side-car written by prepare lines up with the synthesised waveform (AAC priming removed)."""
     from data_fixtures import FPS, SIZE
 
     from avmt.data.synth import SynthSpec, render
@@ -177,3 +180,24 @@ def test_bad_cli_input_is_a_one_line_error(tmp_path, capsys, rows, args, code, m
     assert main(argv) == code
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_pcm_side_car_reads_as_the_flac_of_earlier_manifests(mixed_root, tmp_path):
+    """prepare writes a .npy side-car; it and the FLAC that earlier versions wrote from the same samples give the same
+    windows, exactly (both 16-bit), zeros outside the file included."""
+    from data_fixtures import write_flac
+
+    from avmt.data.media import write_pcm
+
+    root, _ = mixed_root
+    video = next((root / "class01_square").glob("*.mp4"))
+    prepare([Item(str(video), "class01_square")], tmp_path, sample_rate=SR, min_seconds=2.0, progress=False)
+    assert load_manifest(tmp_path)[0]["audio"].endswith(".npy")
+    n = 3 * SR + 77
+    samples = np.random.default_rng(0).uniform(-0.9, 0.9, n).astype(np.float32)
+    write_pcm(tmp_path / "new.npy", samples)
+    write_flac(tmp_path / "old.flac", samples, SR)
+    for start, length in ((0, n), (1234, 5000), (n - 100, 400), (-50, 200), (n + 10, 30)):
+        np.testing.assert_array_equal(read_audio(tmp_path / "new.npy", start, length), read_audio(tmp_path / "old.flac", start, length))
+    got = read_audio(tmp_path / "new.npy", -50, 200)
+    assert not got[:50].any() and np.abs(got[50:] - samples[:150]).max() < 1e-4

@@ -149,7 +149,7 @@ def test_a_video_whose_decode_fails_mid_way(videos, tmp_path, caplog):
 
 @pytest.mark.parametrize("room", ["audio", "none"])
 def test_a_full_disk_stops_prepare_and_keeps_what_was_done(videos, tmp_path, tmpfs, capsys, room):
-    """A real full disk (a small tmpfs), filled while the FLAC (``none``) or the transcoded video (``audio``) of the
+    """A real full disk (a small tmpfs), filled while the audio side-car (``none``) or the transcoded video (``audio``) of the
     second video is written: prepare stops with the reason instead of rejecting the file, keeps the first video's
     record, leaves no partial file, and the same command finishes once there is space."""
     disk = tmpfs("2m")
@@ -159,17 +159,24 @@ def test_a_full_disk_stops_prepare_and_keeps_what_was_done(videos, tmp_path, tmp
     only_first = [it for it in scan_root(videos) if it.path == str(first)]
     assert prepare(only_first, out, SR, 2.0, progress=False, transcode=settings).kept == 1
     before = (out / "manifest.jsonl").read_text()
-    flac = next((out / "audio").iterdir()).stat().st_size
+    # the second video's side-car and transcode sizes, from a run elsewhere
+    prepare([it for it in scan_root(videos) if it.path == str(second)], tmp_path / "sizes", SR, 2.0, progress=False, transcode=settings)
+    side = next((tmp_path / "sizes" / "audio").iterdir()).stat().st_size
+    video = next((tmp_path / "sizes" / "video").iterdir()).stat().st_size
+    assert video > 2 * 4096  # more than the slack below
     free = __import__("shutil").disk_usage(disk).free
-    keep = flac + 8192 if room == "audio" else 0  # room for the second FLAC but not its video, or for nothing
+    pages = -(-side // 4096) * 4096  # tmpfs allocates whole pages
+    keep = pages + 4096 if room == "audio" else 0  # room for the second side-car but not for its video, or for nothing
     (disk / "filler").write_bytes(b"\0" * max(0, free - keep))
     args = ["--root", str(videos), "--out", str(out), "--transcode", "--short-side", "64", "--fps", "8", "--quiet", "--workers", "1"]
+    args += ["--sample-rate", str(SR)]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "run the same command again" in err, err
+    assert bool(list((out / "audio").glob(f"{'*'}.npy"))) and len(list((out / "audio").iterdir())) == (2 if room == "audio" else 1)
     assert (out / "manifest.jsonl").read_text().startswith(before)  # the first record is intact
     assert not (out / "rejected.jsonl").exists() or (out / "rejected.jsonl").read_text() == ""  # nothing rejected for it
-    assert not [p for p in out.rglob("*") if ".part." in p.name]  # no partial FLAC or video
+    assert not [p for p in out.rglob("*") if ".part." in p.name]  # no partial side-car or video
     (disk / "filler").unlink()
     assert main(args) == 0
     assert {r["source"]["path"] for r in load_manifest(out)} == {str(first), str(second)}

@@ -12,7 +12,7 @@ Graph (``device_id`` = a GPU index: decode ``mixed`` -> GPU; ``device_id=None``:
     torch: reshape to [T, 3, F, crop, crop]; log_mel(audio) (+ spec_augment in train) -> [T, 1, n_mels, mel_frames]
 
 The decoded frames never leave the device: DALI outputs are copied device-to-device into torch tensors
-(``feed_ndarray``). The host only reads the file bytes and the FLAC audio windows (a PyAV side-car:
+(``feed_ndarray``). The host only reads the file bytes and the audio windows (from the side-car:
 DALI's audio decoder decodes whole files, wasteful for long videos; the window is small). The sequence
 and crop plans come from the same functions and the same seeded generators as the CPU loader, so in
 eval mode both loaders return the same content up to decoder/resize differences.

@@ -15,11 +15,12 @@ class Record(TypedDict, total=False):
     """One kept file. ``modalities``: what it has, ``["video", "audio"]`` (the default when absent), ``["video"]``
     (a video without sound, e.g. half of UCF101) or ``["audio"]`` (e.g. ESC-50). Required (checked by
     :func:`check_record`): ``path`` (the source file), ``label``, ``label_index``, ``start``/``end`` (the usable
-    span, seconds), ``duration``; with video ``fps``; with audio ``audio`` (its mono FLAC) and ``sample_rate`` (of
-    the FLAC). Written by prepare, used where present: ``id``, ``num_frames``, ``width``, ``height``,
-    ``video_codec``, ``audio_codec``, ``audio_streams``, ``source_sample_rate``, ``source_channels``,
-    ``video_seconds``, ``audio_seconds``, ``audio_samples``, ``size``, ``mtime_ns``, ``span``; a dataset layout's
-    ``splits`` ({split: "train" | "test"}, UCF101), ``split`` (Kinetics-Sounds) or ``fold`` (ESC-50)."""
+    span, seconds), ``duration``; with video ``fps``; with audio ``audio`` (its mono 16-bit side-car: ``.npy``, or
+    FLAC from earlier versions) and ``sample_rate`` (of the side-car). Written by prepare, used where present:
+    ``id``, ``num_frames``, ``width``, ``height``, ``video_codec``, ``audio_codec``, ``audio_streams``,
+    ``source_sample_rate``, ``source_channels``, ``video_seconds``, ``audio_seconds``, ``audio_samples``, ``size``,
+    ``mtime_ns``, ``span``; a dataset layout's ``splits`` ({split: "train" | "test"}, UCF101), ``split``
+    (Kinetics-Sounds) or ``fold`` (ESC-50)."""
 
     path: str
     audio: str

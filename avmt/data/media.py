@@ -1,4 +1,4 @@
-"""PyAV helpers shared by ``prepare`` and the CPU loader: probing, windowed frame decoding, FLAC I/O.
+"""Media helpers shared by ``prepare`` and the loaders: probing, windowed frame decoding, the audio side-car.
 
 Every container is opened with ``with av.open(...)`` so it is closed even when decoding fails
 (FFmpeg contexts hold native memory that the garbage collector does not see).
@@ -7,7 +7,6 @@ Every container is opened with ``with av.open(...)`` so it is closed even when d
 from __future__ import annotations
 
 import errno
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +134,30 @@ def read_frames(
     return np.stack([got[int(i)] for i in want])
 
 
+def write_pcm(path: str | Path, samples: np.ndarray) -> None:
+    """Write mono float32 ``samples`` in [-1, 1] as 16-bit PCM in a ``.npy`` file (what prepare's side-car is: a
+    window is then a memory-mapped slice, ~2 ms for 30 s at 44.1 kHz against ~36 ms to decode it from FLAC)."""
+    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
+    with open(path, "wb") as f:
+        # the bytes go through Python's file object: np.save's fast path reports a full disk without an errno
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(pcm))
+        f.write(pcm.tobytes())
+
+
 def read_audio(path: str | Path, start: int, length: int) -> np.ndarray:
-    """Mono samples ``[start, start + length)`` of an audio file (the prepared FLAC) as float32 ``[length]``;
-    samples outside the file are zeros. Seeks to ``start``, never decodes the whole file."""
+    """Mono samples ``[start, start + length)`` of an audio side-car as float32 ``[length]``; samples outside the file
+    are zeros. A ``.npy`` (16-bit PCM, :func:`write_pcm`) is memory-mapped and sliced; any other file (the FLAC of
+    manifests from earlier versions) is decoded with PyAV from a seek to ``start``, never whole."""
+    if str(path).endswith(".npy"):
+        pcm = np.load(path, mmap_mode="r")
+        if pcm.dtype != np.int16 or pcm.ndim != 1:
+            raise ValueError(f"{path}: expected a 1-D int16 PCM array, got {pcm.dtype} {pcm.shape}")
+        out = np.zeros(length, np.float32)
+        a, b = max(0, start), min(len(pcm), start + length)
+        if a < b:
+            out[a - start : b - start] = pcm[a:b]
+            out[a - start : b - start] *= 1.0 / 32768.0
+        return out
     import av
 
     out = np.zeros(length, np.float32)
@@ -167,25 +187,6 @@ def read_audio(path: str | Path, start: int, length: int) -> np.ndarray:
             if f1 >= end:
                 break
     return out
-
-
-def write_flac(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
-    """Write mono float32 ``samples`` in [-1, 1] as 16-bit FLAC."""
-    import av
-
-    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
-    with av.open(str(path), "w", format="flac") as c:
-        st = c.add_stream("flac", rate=sample_rate, layout="mono")
-        st.codec_context.format = "s16"
-        for s in range(0, len(pcm), 65536):
-            fr = av.AudioFrame.from_ndarray(pcm[None, s : s + 65536], format="s16", layout="mono")
-            fr.sample_rate = sample_rate
-            fr.pts = s
-            fr.time_base = Fraction(1, sample_rate)
-            for p in st.encode(fr):
-                c.mux(p)
-        for p in st.encode():
-            c.mux(p)
 
 
 SIGNATURES = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba")

@@ -13,7 +13,7 @@
   paths are relative to the CSV's folder). ``start``/``end`` (seconds) restrict the usable span.
 
 Outputs in ``OUT``: ``manifest.jsonl`` (one JSON object per kept file: ``id``, ``path``, ``label``,
-``label_index``, ``audio`` = the mono 16-bit FLAC at the target rate under ``OUT/audio/``, ``start``/``end``
+``label_index``, ``audio`` = the mono 16-bit PCM side-car (``.npy``) at the target rate under ``OUT/audio/``, ``start``/``end``
 of the usable span and the probe metadata from :func:`avmt.data.media.probe_and_extract`), ``rejected.jsonl``
 (``path``, ``label``, ``reason``, ``detail``) and ``labels.json`` (label -> index, sorted names). Every input
 ends in exactly one of the two files. Reasons: ``empty``, ``unreadable``, ``not_a_video``, ``truncated``,
@@ -25,8 +25,8 @@ ends in exactly one of the two files. Reasons: ``empty``, ``unreadable``, ``not_
 then the transcoded file and ``source`` the original.
 
 Resumable: results are appended as they finish; a re-run keeps every record whose file size and mtime
-are unchanged (and whose FLAC exists) and only processes the rest. A full disk stops the run (it is not the
-file's fault, so no file is rejected for it): the finished records stay, partial FLAC/video files are removed,
+are unchanged (and whose audio side-car exists) and only processes the rest. A full disk stops the run (it is not
+the file's fault, so no file is rejected for it): the finished records stay, partial audio/video files are removed,
 and the same command continues once there is space.
 """
 
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avmt.data.media import MediaError, is_disk_full, probe_and_extract, write_flac
+from avmt.data.media import MediaError, is_disk_full, probe_and_extract, write_pcm
 from avmt.data.transcode import TranscodeSettings, transcode_video
 
 REASONS = (
@@ -206,7 +206,7 @@ def _die_with_parent() -> None:
 
 
 def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]) -> dict:
-    """Probe one file, write its FLAC (and its transcoded video); returns a kept record (``reason`` None) or a
+    """Probe one file, write its audio side-car (and its transcoded video); returns a kept record (``reason`` None) or a
     rejected one."""
     item, out, sample_rate, min_seconds, timeout_s, transcode = args
     st = _stat(item.path)
@@ -234,17 +234,17 @@ def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]
                 f"{meta['duration']:.2f} s (minimum {min_seconds:g} s)",
             }
         key = _file_key(item.path)
-        flac = None
+        side = None
         if audio is not None:
-            flac = Path(out) / "audio" / f"{key}.flac"
-            tmp = flac.with_name(flac.name + ".part.flac")
+            side = Path(out) / "audio" / f"{key}.npy"
+            tmp = side.with_name(f"{key}.part.npy")
             try:
-                write_flac(tmp, audio, sample_rate)
+                write_pcm(tmp, audio)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            os.replace(tmp, flac)
-        rec = base | {"reason": None, "id": key, "audio": str(flac) if flac else None, "start": start, "end": end, **meta}
+            os.replace(tmp, side)
+        rec = base | {"reason": None, "id": key, "audio": str(side) if side else None, "start": start, "end": end, **meta}
         if transcode is None or "video" not in meta["modalities"]:
             return rec
         t0 = time.perf_counter()
@@ -323,6 +323,7 @@ def prepare(
             and rec.get("mtime_ns") == st[1]
             and rec.get("span") == [it.start, it.end]
             and all(rec.get(k) == v for k, v in it.fields.items())
+            and (rec.get("audio") is None or rec.get("sample_rate") == sample_rate)  # another --sample-rate: redo
             and (
                 rec.get("reason") is not None
                 or (

@@ -36,7 +36,7 @@ def plan_sample(
 
 
 def load_audio_clips(rec: Record, plan: SequencePlan, sample_rate: int) -> np.ndarray:
-    """The T audio windows of ``plan`` from the record's FLAC: ``[T, audio_length]`` float32.
+    """The T audio windows of ``plan`` from the record's audio side-car: ``[T, audio_length]`` float32.
 
     One seek + one contiguous read covering all windows, then slicing (clips of a sequence are close)."""
     if rec["sample_rate"] != sample_rate:
