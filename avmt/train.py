@@ -28,7 +28,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from avmt.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_model_weights, resolve_checkpoint, save_checkpoint
+from avmt.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+    step_of,
+)
 from avmt.config import Config, ConfigError, DataConfig, TrainConfig, add_config_arguments, config_from_args
 from avmt.data.loader import LoaderError
 from avmt.models import AVBert
@@ -267,6 +275,24 @@ def initialise_from(model: AVBert, path: str | Path, cfg: Config, is_main: bool)
         print(f"initialised the model from {folder}" + (f" (settings differ: {'; '.join(differ)})" if differ else ""), file=sys.stderr)
 
 
+def _set_aside_checkpoints(run_dir: Path) -> None:
+    """A run started over (``--no-resume``) in a folder that holds an earlier run's checkpoints: move them to
+    ``checkpoints.replaced-<UTC time>`` (kept, and printed), so that a later resume cannot pick the earlier run's
+    higher steps."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir() or not any(step_of(p) is not None for p in root.iterdir()):
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = run_dir / f"checkpoints.replaced-{stamp}", 1
+    while aside.exists():  # started over twice within a second
+        aside, n = run_dir / f"checkpoints.replaced-{stamp}-{n}", n + 1
+    try:
+        os.replace(root, aside)
+    except OSError as e:
+        raise TrainingError(f"--no-resume: cannot move the earlier run's checkpoints out of the way ({root}: {e.strerror or e})") from None
+    print(f"avmt.train: --no-resume: the earlier run's checkpoints are now in {aside}", file=sys.stderr)
+
+
 def resumable_checkpoint(run_dir: Path, is_main: bool) -> Path | None:
     """The newest checkpoint of ``run_dir`` that verifies (None for a new run); each newer one that does not is
     printed with the reason, and a run whose checkpoints all fail to verify stops instead of restarting."""
@@ -329,6 +355,8 @@ def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow
     torch.manual_seed(tc.seed)
     model = AVBert(cfg.model).set_memory_options(tc)
     ckpt = resumable_checkpoint(run_dir, is_main) if resume else None
+    if not resume and is_main:
+        _set_aside_checkpoints(run_dir)
     if ckpt is None and tc.init_from:  # a new run from given weights (a resumed run has its own)
         initialise_from(model, tc.init_from, cfg, is_main)
     pre = Pretraining(model, cfg.objective).to(device)

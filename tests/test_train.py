@@ -370,3 +370,15 @@ def test_a_hung_rank_fails_the_job_after_the_timeout(manifest, tmp_path):
     result = json.loads(out.read_text())
     assert "rank 0: a collective waited longer than train.dist_timeout_s=4 s" in result["error"]
     assert "another rank is hung or dead" in result["error"] and result["seconds"] < 60
+
+
+def test_no_resume_sets_the_earlier_runs_checkpoints_aside(manifest, tmp_path, capsys):
+    """Starting over in a folder with an earlier, longer run: its checkpoints are moved aside (kept), so a later resume
+    continues the new run, not the earlier run's higher steps."""
+    train(cfg_for(manifest, tmp_path, "train.max_steps=4", "train.save_every=2"), progress=False)
+    train(cfg_for(manifest, tmp_path, "train.max_steps=2", "train.save_every=2"), resume=False, progress=False)
+    assert "the earlier run's checkpoints are now in" in capsys.readouterr().err
+    (aside,) = tmp_path.glob("checkpoints.replaced-*")
+    assert latest_checkpoint(tmp_path).name == "step_000002" and (aside / "step_000004").is_dir()
+    summary = train(cfg_for(manifest, tmp_path, "train.max_steps=3", "train.save_every=2"), progress=False)
+    assert summary["steps"] == 3 and [r["step"] for r in records(tmp_path)] == [1, 2, 3]  # the new run, continued
