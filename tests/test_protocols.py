@@ -140,3 +140,31 @@ def test_bad_protocol_input_is_a_clear_error(run_dir, datasets, tmp_path, capsys
             DEFAULTS["kinetics-sounds"],
             torch.device("cpu"),
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("protocol", ["ucf101", "esc50", "kinetics-sounds"])
+def test_each_protocols_model_trains_under_bf16_autocast_on_cuda(protocol):
+    """What run_split does per step on a GPU (bf16 autocast, the protocol's loss, backward), on random batches of the
+    tiny geometry: finite loss and gradients, and bf16 logits close to the fp32 ones of the same weights."""
+    from avmt.protocols import _loss, build_classifier
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    clf = build_classifier(protocol, AVBert(cfg.model), 5, dropout=0.0).cuda().eval()  # eval: no dropout, fixed BN
+    t = 10 if protocol == "kinetics-sounds" else 1
+    batch = {
+        "video": torch.randint(0, 256, (4, t, 3, cfg.data.frames, 32, 32), dtype=torch.uint8).cuda(),
+        "audio": torch.randn(4, t, 1, cfg.data.n_mels, cfg.data.mel_frames).cuda(),
+        "label": torch.tensor([0, 1, 2, 3]).cuda(),
+    }
+    with torch.no_grad():
+        ref = clf(batch).float()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = clf(batch)
+        loss = _loss(protocol, out, batch["label"])
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in clf.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(out.float(), ref, atol=0.05 * ref.abs().max().item() + 1e-3, rtol=0.05)
