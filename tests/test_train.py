@@ -339,16 +339,18 @@ def _hung_rank_worker(rank: int, manifest: str, run_dir: str, out: str, port: in
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if rank == 1:
-        t._accumulate = lambda *a, **k: time.sleep(20)
+        t._accumulate = lambda *a, **k: time.sleep(90)  # longer than the test waits: rank 0 cannot simply finish
     cfg = cfg_for(manifest, run_dir, "train.max_steps=3", "train.dist_timeout_s=4", "train.batch_size=2")
     started = time.time()
+    outcome: dict = {"error": None}
     try:
         t.train(cfg, progress=False)
-    except t.TrainingError as e:
-        with open(out, "w") as f:
-            json.dump({"error": str(e), "seconds": time.time() - started}, f)
+    except Exception as e:  # the expected TrainingError, or anything else: recorded, so a failure says what happened
+        outcome = {"error": f"{type(e).__name__}: {e}"}
     finally:
         if rank == 0:
+            with open(out, "w") as f:
+                json.dump(outcome | {"seconds": time.time() - started}, f)
             os._exit(0)  # without waiting for the hung rank: its process is killed by the spawn context
 
 
@@ -367,7 +369,9 @@ def test_a_hung_rank_fails_the_job_after_the_timeout(manifest, tmp_path):
     ctx.processes[0].join(timeout=120)
     for p in ctx.processes:
         p.kill()
+    assert out.exists(), "rank 0 neither failed nor finished within 120 s"
     result = json.loads(out.read_text())
+    assert result["error"] and result["error"].startswith("TrainingError"), result
     assert "rank 0: a collective waited longer than train.dist_timeout_s=4 s" in result["error"]
     assert "another rank is hung or dead" in result["error"] and result["seconds"] < 60
 
