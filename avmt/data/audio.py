@@ -74,15 +74,21 @@ class MelSpec:
         return cls(sample_rate, n, n_mels, mel_frames, hop, n_fft)
 
 
-def log_mel(wave: Tensor, spec: MelSpec, fbank: Tensor | None = None) -> Tensor:
+def log_mel(wave: Tensor, spec: MelSpec, fbank: Tensor | None = None, chunk: int | None = None) -> Tensor:
     """``wave [..., num_samples]`` float -> log-mel ``[..., n_mels, mel_frames]`` in the dtype of ``wave``.
 
     ``fbank`` (``[n_mels, n_fft//2+1]``, from :func:`mel_filter_bank`) may be passed to avoid rebuilding it.
+    ``chunk``: transform at most this many windows at once (the CPU loader: a paper sequence's 15 windows at once
+    need ~50 MB of STFT buffers, which the allocator maps and faults in anew for every sequence; 3 at a time stay in
+    the heap and the cache). None: all at once (on a GPU).
     """
     if wave.shape[-1] != spec.num_samples:
         raise ValueError(f"audio windows have {wave.shape[-1]} samples, expected {spec.num_samples}")
     lead = wave.shape[:-1]
     flat = wave.reshape(-1, spec.num_samples)
+    if chunk is not None and flat.shape[0] > chunk:
+        parts = [log_mel(flat[i : i + chunk], spec, fbank) for i in range(0, flat.shape[0], chunk)]
+        return torch.cat(parts).reshape(*lead, spec.n_mels, spec.mel_frames)
     window = torch.hann_window(spec.n_fft, periodic=True, dtype=wave.dtype, device=wave.device)
     stft = torch.stft(flat, spec.n_fft, hop_length=spec.hop, window=window, center=True, pad_mode="reflect", return_complex=True)
     power = stft.real.square() + stft.imag.square()  # [N, n_fft//2+1, frames]

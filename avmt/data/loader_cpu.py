@@ -106,7 +106,7 @@ class SequenceDataset(torch.utils.data.Dataset):
             out["video"] = transform_frames(frames, crop, self.cfg.num_clips)
         if "audio" in self.modalities:
             wave = torch.from_numpy(load_audio_clips(rec, seq, self.cfg.sample_rate))
-            audio = log_mel(wave, self.mel, self.fbank)
+            audio = log_mel(wave, self.mel, self.fbank, chunk=3)
             if self.train and self.cfg.spec_mask_rate > 0:
                 gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
                 audio = spec_augment(audio, self.cfg.spec_mask_rate, gen)

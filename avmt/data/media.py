@@ -35,16 +35,25 @@ def _stream_seconds(stream, container_duration: float | None) -> float | None:
     return container_duration
 
 
+_REGION_FORMATS = ("yuv420p", "yuvj420p")  # 8-bit 4:2:0: what H.264/VP9 files decode to, and what the transcodes are
+
+
 class FrameConverter:
-    """Decoded frame -> ``[h, w, 3]`` uint8 RGB array, rescaled to ``height`` x ``width`` (None: as decoded), then cut
-    to ``box`` = (top, left, h, w) if given (a view: only the region is copied when frames are stacked).
+    """Decoded frame -> ``[h, w, 3]`` uint8 RGB array: the frame rescaled to ``height`` x ``width`` (None: as decoded),
+    then cut to ``box`` = (top, left, h, w) if given.
+
+    Only what ``box`` keeps is rescaled: its preimage in the decoded frame (start snapped to even pixels, so that the
+    4:2:0 chroma stays aligned; end rounded) is copied out and rescaled straight to the box's size. Against rescaling
+    the whole frame and cutting afterwards, the region is off by at most one source pixel and its scale by the
+    rounding of its size (<1% for a 112-px crop of a 160-px frame), and a 112-px crop of a 256x144 rescale costs a
+    third of the pixels (a paper sequence: 0.03 s instead of 0.10 s of swscale on one core). Without a rescale, or for
+    pixel formats other than 8-bit 4:2:0, the whole frame is converted and the box cut exactly.
 
     The rescale runs in FFmpeg's swscale (bilinear; its filter widens when downscaling, so it antialiases) in the
     stream's own pixel format, and the smaller frame is then converted to RGB: two swscale contexts, because one
-    that scales and converts at once is ~4x slower. Measured: a 284x160 frame to 256x144 costs 0.13 ms against
-    0.23 ms for RGB conversion + torch's antialiased resize (720p: 0.43 vs 4.6 ms); the pixels differ from torch's by
-    0.3 levels of 255 on average. Each context is cached for the converter's life (``frame.to_ndarray`` builds one
-    per frame, ~10x slower); swscale runs single-threaded, as loader workers already run one per core.
+    that scales and converts at once is ~4x slower. The pixels differ from torch's antialiased resize of the RGB frame
+    by about a level of 255 on average. Each context is cached for the converter's life (``frame.to_ndarray`` builds
+    one per frame, ~10x slower); swscale runs single-threaded, as loader workers already run one per core.
     """
 
     def __init__(self, height: int | None = None, width: int | None = None, box: tuple[int, int, int, int] | None = None):
@@ -52,15 +61,58 @@ class FrameConverter:
 
         self.height, self.width, self.box = height, width, box
         self._scaler, self._to_rgb = VideoReformatter(), VideoReformatter()
+        self._geometry: tuple[int, int, str] | None = None  # (width, height, format) of the frames the plan is for
+        self._region: tuple[int, int, int, int] | None = None  # (top, left, h, w) of the source to rescale to the box
+        self._buffer: Any = None  # a reused frame holding the region
+
+    def _plan(self, frame) -> None:
+        self._geometry = (frame.width, frame.height, frame.format.name)
+        th, tw = self.height or frame.height, self.width or frame.width
+        top, left, bh, bw = self.box or (0, 0, th, tw)
+        if (th, tw) == (frame.height, frame.width) or frame.format.name not in _REGION_FORMATS:
+            self._region = None  # nothing to rescale, or no plane layout this knows how to cut: the exact path
+            return
+        sy, sx = frame.height / th, frame.width / tw
+
+        def span(start: int, size: int, scale: float, limit: int) -> tuple[int, int]:
+            a = min(2 * int(round(start * scale / 2)), (limit - 2) // 2 * 2)
+            b = min(limit, max(a + 2, int(round((start + size) * scale))))
+            return a, b - a
+
+        (r0, rh), (c0, rw) = span(top, bh, sy, frame.height), span(left, bw, sx, frame.width)
+        self._region = (r0, c0, rh, rw)
+        if (rh, rw) != (frame.height, frame.width):
+            import av
+
+            self._buffer = av.VideoFrame(rw, rh, frame.format.name)
 
     def __call__(self, frame) -> np.ndarray:
-        if (self.width or frame.width) != frame.width or (self.height or frame.height) != frame.height:
-            frame = self._scaler.reformat(frame, width=self.width, height=self.height, threads=1)
-        img = self._to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
-        if self.box is None:
-            return img
-        top, left, h, w = self.box
-        return img[top : top + h, left : left + w]
+        if self._geometry != (frame.width, frame.height, frame.format.name):
+            self._plan(frame)
+        if self._region is None:
+            if (self.width or frame.width) != frame.width or (self.height or frame.height) != frame.height:
+                frame = self._scaler.reformat(frame, width=self.width, height=self.height, threads=1)
+            img = self._to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+            if self.box is None:
+                return img
+            top, left, h, w = self.box
+            return img[top : top + h, left : left + w]
+        r0, c0, rh, rw = self._region
+        src = frame
+        if self._buffer is not None:
+            src = self._buffer
+            for i, (a, b, h, w) in enumerate(((r0, c0, rh, rw), *[(r0 // 2, c0 // 2, (rh + 1) // 2, (rw + 1) // 2)] * 2)):
+                _plane(src, i)[:h, :w] = _plane(frame, i)[a : a + h, b : b + w]
+            src.colorspace, src.color_range = frame.colorspace, frame.color_range
+        h, w = (self.box[2], self.box[3]) if self.box else (self.height or frame.height, self.width or frame.width)
+        small = self._scaler.reformat(src, width=w, height=h, threads=1)
+        return self._to_rgb.reformat(small, format="rgb24", threads=1).to_ndarray()
+
+
+def _plane(frame, i: int) -> np.ndarray:
+    """Plane ``i`` of a frame as a writable ``[rows, line_size]`` uint8 view (no copy)."""
+    p = frame.planes[i]
+    return np.frombuffer(p, np.uint8).reshape(-1, p.line_size)
 
 
 def read_frames(
