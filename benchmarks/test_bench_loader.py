@@ -100,14 +100,14 @@ def inputs(tmp_path_factory, request) -> Inputs:
     return Inputs(root / "original" / "manifest.jsonl", root / "transcoded" / "manifest.jsonl", width, height, 10.0, videos, seconds, wall)
 
 
-def _read_whole(path, indices, fps, height=None, width=None, box=None, threads=0, **_) -> np.ndarray:
+def _read_whole(path, indices, fps, height=None, width=None, box=None, threads=0, out=None, **_) -> np.ndarray:
     """The released code's method: decode every frame of the file, then pick the sequence's frames (converted to RGB,
-    rescaled and cut as :func:`avmt.data.media.read_frames` does, so only the decoding differs)."""
+    rescaled, cut and written out as :func:`avmt.data.media.read_frames` does, so only the decoding differs)."""
     import av
 
     convert = FrameConverter(height, width, box)
     want = np.asarray(indices)
-    wanted, out = set(want.tolist()), {}
+    wanted, got = set(want.reshape(-1).tolist()), {}
     with av.open(str(path)) as c:
         vs = c.streams.video[0]
         vs.thread_count = threads
@@ -115,9 +115,13 @@ def _read_whole(path, indices, fps, height=None, width=None, box=None, threads=0
             vs.thread_type = "AUTO"
         for n, frame in enumerate(c.decode(vs)):
             if n in wanted:
-                out[n] = convert(frame)
-    last = max(out)
-    return np.stack([out[min(int(j), last)] for j in want])
+                got[n] = convert(frame)
+    last = max(got)
+    if out is None:
+        out = np.empty((*want.shape, *got[last].shape), np.uint8)
+    for pos in np.ndindex(*want.shape):
+        out[pos] = got[min(int(want[pos]), last)]
+    return out
 
 
 def _cpu_seconds_per_sequence(records: list[dict], cfg, count: int) -> float:

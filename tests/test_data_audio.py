@@ -51,10 +51,27 @@ def test_paper_geometry_and_batched_shape():
     wave = torch.randn(2, 3, spec.num_samples) * 0.1
     out = log_mel(wave, spec, fb)
     assert out.shape == (2, 3, 80, 128)
-    for chunk in (1, 4, 6):  # in pieces (the CPU loader's), the same windows: 6 is one piece, 4 leaves a short one
+    for chunk in (2, 3, 4):  # in pieces (the CPU loader's): 2 and 3 split the 6 windows, 4 does not
         torch.testing.assert_close(log_mel(wave, spec, fb, chunk=chunk), out, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="88200"):
         log_mel(torch.randn(2, 1000), spec)
+    with pytest.raises(ValueError, match="at least 2"):
+        log_mel(wave, spec, fb, chunk=1)
+
+
+def test_log_mel_in_pieces_does_not_depend_on_the_thread_count():
+    """What a loader worker (one thread) computes is what the main process (all threads) would: bit for bit."""
+    spec = MelSpec.for_clip(16000, 1.0, 40, 32)
+    wave = torch.randn(7, spec.num_samples)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (max(2, threads), 1):
+            torch.set_num_threads(n)
+            got.append(log_mel(wave, spec, chunk=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], got[1])
 
 
 def test_spec_augment_masks_are_bounded_and_reproducible():

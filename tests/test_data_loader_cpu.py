@@ -9,7 +9,7 @@ import torch
 from data_fixtures import TEST_CFG, check_contract, prepared
 
 from avmt.data.clips import sample_rng
-from avmt.data.loader_cpu import CPULoader, SequenceDataset
+from avmt.data.loader_cpu import CPULoader, SequenceDataset, _empty
 from avmt.data.manifest import load_manifest
 from avmt.data.media import read_frames
 from avmt.data.sample import plan_sample
@@ -53,6 +53,45 @@ def test_rescaled_frames_match_an_antialiased_resize_and_the_box_is_close(webm, 
     # only the box's region is rescaled: close to cutting the rescaled frame (its region snaps to whole pixels)
     # measured 2.2-2.6 levels here (hard edges, 64-px frames: a source pixel is a large step); 1.0 at the paper's sizes
     assert np.abs(cut.astype(np.int16) - got[:, 3 : size[0] - 4, 5 : size[1] - 4]).mean() < 3.5
+
+
+def test_frames_are_written_into_any_view_of_the_right_shape(webm):
+    """``out=``: frames land in a caller's strided, mirrored view (a batch slot) exactly as they would be returned;
+    2-D indices give 2-D frame grids; a view of the wrong shape is refused before anything is written."""
+    rec = load_manifest(webm)[0]
+    idx = np.array([[3, 4, 5], [40, 41, 41]])
+    plain = read_frames(rec["path"], idx, rec["fps"], height=40, width=40, box=(2, 4, 32, 32))
+    assert plain.shape == (2, 3, 32, 32, 3)
+    np.testing.assert_array_equal(
+        plain.reshape(6, 32, 32, 3), read_frames(rec["path"], idx.reshape(-1), rec["fps"], 40, 40, (2, 4, 32, 32))
+    )
+    batch = np.zeros((2, 3, 3, 32, 32), np.uint8)  # [T, C, F, h, w], as a video slot
+    view = batch.transpose(0, 2, 3, 4, 1)[:, :, :, ::-1]
+    got = read_frames(rec["path"], idx, rec["fps"], height=40, width=40, box=(2, 4, 32, 32), out=view)
+    assert got is view
+    np.testing.assert_array_equal(batch, plain[:, :, :, ::-1].transpose(0, 4, 1, 2, 3))
+    with pytest.raises(ValueError, match="out has shape"):
+        read_frames(rec["path"], idx, rec["fps"], height=40, width=40, box=(2, 4, 32, 32), out=np.zeros((2, 3, 32, 31, 3), np.uint8))
+
+
+def test_a_batch_is_its_samples_loaded_into_one_set_of_tensors(webm):
+    """``__getitems__`` (what a worker runs per batch) gives what the samples give one by one, replacements and
+    failure counts included; in a worker its tensors are in shared memory, so the DataLoader sends them as they are."""
+    recs = load_manifest(webm)
+    broken = [dict(recs[0], path=str(webm / "gone.webm")), *recs[1:]]
+    ds = SequenceDataset(broken, TEST_CFG, train=True, seed=2)
+    keys = [(1, 0), (1, 3), (2, 1)]
+    batch = ds.__getitems__(keys)
+    samples = [ds[k] for k in keys]
+    for name in ("video", "audio", "label", "index", "failures"):
+        assert torch.equal(batch[name], torch.stack([s[name] for s in samples])), name
+    assert batch["failures"][0] >= 1 and batch["index"][0] != 0  # row 0 is broken: replaced and counted
+    assert not batch["video"].is_shared()  # in this process: plain memory
+    shm = _empty((2, 3, 5), torch.float32, shared=True)  # what a worker allocates
+    assert shm.is_shared() and shm.shape == (2, 3, 5) and shm.dtype == torch.float32 and shm.is_contiguous()
+    loader = CPULoader(broken, TEST_CFG, B, train=True, seed=2, num_workers=1)
+    from_worker = next(iter(loader))
+    assert from_worker["video"].is_shared() and from_worker["video"].dtype == torch.uint8
 
 
 def _ramp_frame(height: int, width: int, fmt: str = "yuv420p"):

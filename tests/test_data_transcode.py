@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -77,7 +78,13 @@ def test_prepare_transcode_records_both_files_resumes_and_feeds_the_loader(video
     assert main(["--root", str(videos), "--out", str(tmp_path / "cli"), "--transcode", "--short-side", "32", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "transcoded to 32 px, 16 fps" in printed and "per hour of video" in printed  # --fps: the paper preset's 16
-    assert json.loads((tmp_path / "cli" / "manifest.jsonl").read_text().splitlines()[0])["fps"] == 16.0
+    first = [json.loads(line) for line in (tmp_path / "cli" / "manifest.jsonl").read_text().splitlines()]
+    assert first[0]["fps"] == 16.0 and {r["transcode"]["crf"] for r in first} == {23}  # x264's default quality
+    before = sum(Path(r["path"]).stat().st_size for r in first)
+    assert main(["--root", str(videos), "--out", str(tmp_path / "cli"), "--transcode", "--short-side", "32", "--crf", "35", "--quiet"]) == 0
+    redone = [json.loads(line) for line in (tmp_path / "cli" / "manifest.jsonl").read_text().splitlines()]
+    assert {r["transcode"]["crf"] for r in redone} == {35} and len(redone) == 2  # another quality: every file redone
+    assert sum(Path(r["path"]).stat().st_size for r in redone) < before
 
 
 def test_transcode_options_need_transcode(videos, tmp_path, capsys):
@@ -85,6 +92,10 @@ def test_transcode_options_need_transcode(videos, tmp_path, capsys):
     assert "pass --transcode" in capsys.readouterr().err
     assert main(["--root", str(videos), "--out", str(tmp_path / "x"), "--transcode", "--fps", "0"]) == 2
     assert "expected short_side >= 2, fps > 0" in capsys.readouterr().err
+    assert main(["--root", str(videos), "--out", str(tmp_path / "x"), "--crf", "20"]) == 2
+    assert "pass --transcode" in capsys.readouterr().err
+    assert main(["--root", str(videos), "--out", str(tmp_path / "x"), "--transcode", "--crf", "52"]) == 2
+    assert "0 <= crf <= 51" in capsys.readouterr().err
 
 
 def test_a_transcode_past_the_time_limit_is_rejected_as_a_timeout(videos, tmp_path, monkeypatch):

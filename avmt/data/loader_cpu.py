@@ -21,7 +21,9 @@ raises, naming the last error (a dataset that is mostly broken should stop the r
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,16 +44,13 @@ from avmt.data.sample import SampleError, load_audio_clips, load_with_retries, p
 log = logging.getLogger("avmt.data")
 
 
-def transform_frames(frames: np.ndarray, crop: CropPlan, num_clips: int) -> Tensor:
-    """``frames [T*F, crop, crop, 3]`` uint8, already resized and cut to the crop by the frame reader ->
-    ``[T, 3, F, crop, crop]`` uint8, flipped when the plan says so: one copy (the flip is a view until then).
-    The normalisation to float runs on the training device, in the model (:func:`avmt.models.cnn.normalize_video`)."""
-    n, c = frames.shape[0], crop.crop
-    if frames.shape[1:] != (c, c, 3):
-        raise ValueError(f"expected frames [N, {c}, {c}, 3] cut to the crop, got {list(frames.shape)}")
-    x = frames[:, :, ::-1] if crop.flip else frames
-    x = x.reshape(num_clips, n // num_clips, c, c, 3).transpose(0, 4, 1, 2, 3)
-    return torch.from_numpy(np.ascontiguousarray(x))
+def frame_slots(video: Tensor, crop: CropPlan) -> np.ndarray:
+    """The writable ``[T, F, crop, crop, 3]`` view of one sequence's ``video [T, 3, F, crop, crop]`` uint8 slot that
+    the frame reader writes RGB frames into (mirrored when the plan flips): the frames land in the batch's layout with
+    no copy in between. The normalisation to float runs on the training device, in the model
+    (:func:`avmt.models.cnn.normalize_video`)."""
+    view = video.numpy().transpose(0, 2, 3, 4, 1)
+    return view[:, :, :, ::-1] if crop.flip else view
 
 
 class SequenceDataset(torch.utils.data.Dataset):
@@ -61,8 +60,8 @@ class SequenceDataset(torch.utils.data.Dataset):
     reader's ``threads`` (None: none in a DataLoader worker, where one worker per core fills the cores, else FFmpeg's
     choice)."""
 
-    # (path, frame indices, fps, height=, width=, box=, threads=) -> [n, box h, box w, 3] uint8 (read_frames' contract);
-    # the loader benchmark swaps it
+    # (path, frame indices [T, F], fps, height=, width=, box=, threads=, out=) -> out, the frames written into it as
+    # [T, F, box h, box w, 3] uint8 (read_frames' contract); the loader benchmark swaps it
     frame_reader = staticmethod(read_frames)
 
     def __init__(
@@ -90,36 +89,89 @@ class SequenceDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def load(self, i: int, rng: np.random.Generator | None) -> dict[str, Tensor]:
-        """Load row ``i`` (raises on any failure)."""
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of one sample's ``video`` and ``audio`` (those of the loaded modalities)."""
+        c = self.cfg
+        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if "video" in self.modalities:
+            out["video"] = ((c.num_clips, 3, c.frames, c.crop_size, c.crop_size), torch.uint8)
+        if "audio" in self.modalities:
+            out["audio"] = ((c.num_clips, 1, c.n_mels, c.mel_frames), torch.float32)
+        return out
+
+    def load(self, i: int, rng: np.random.Generator | None, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Load row ``i`` (raises on any failure) into ``out``: a tensor per modality of :meth:`shapes` (a batch's
+        slots: the frames are written there as they are decoded), allocated when None. Returns them with ``label``
+        and ``index``."""
         rec = self.records[i]
         seq, crop = plan_sample(rec, self.cfg, self.train, rng, self.view)
-        out = {"label": torch.tensor(rec["label_index"], dtype=torch.int64), "index": torch.tensor(i, dtype=torch.int64)}
+        if out is None:
+            out = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in self.shapes().items()}
         if "video" in self.modalities:
             box = (crop.top, crop.left, crop.crop, crop.crop)
             threads = self.decode_threads
             if threads is None:
                 threads = 1 if torch.utils.data.get_worker_info() is not None else 0
-            frames = self.frame_reader(
-                rec["path"], seq.frame_indices.reshape(-1), rec["fps"], height=crop.size[0], width=crop.size[1], box=box, threads=threads
+            self.frame_reader(
+                rec["path"],
+                seq.frame_indices,
+                rec["fps"],
+                height=crop.size[0],
+                width=crop.size[1],
+                box=box,
+                threads=threads,
+                out=frame_slots(out["video"], crop),
             )
-            out["video"] = transform_frames(frames, crop, self.cfg.num_clips)
         if "audio" in self.modalities:
             wave = torch.from_numpy(load_audio_clips(rec, seq, self.cfg.sample_rate))
             audio = log_mel(wave, self.mel, self.fbank, chunk=3)
             if self.train and self.cfg.spec_mask_rate > 0:
                 gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
                 audio = spec_augment(audio, self.cfg.spec_mask_rate, gen)
-            out["audio"] = audio.unsqueeze(1)
-        return out
+            out["audio"][:, 0] = audio
+        label = torch.tensor(rec["label_index"], dtype=torch.int64)
+        return {**out, "label": label, "index": torch.tensor(i, dtype=torch.int64)}
+
+    def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        return int(epoch), int(i)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
         """Sample ``key`` = row ``i`` (of the current epoch) or ``(epoch, i)`` (what the CPU loader's sampler yields,
         so that persistent workers, whose copy of the dataset never sees ``set_epoch``, draw the right epoch)."""
-        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
-        out, failed = load_with_retries(self.load, int(i), self.records, self.seed, int(epoch), self.train, self.max_retries)
+        epoch, i = self._key(key)
+        out, failed = load_with_retries(self.load, i, self.records, self.seed, epoch, self.train, self.max_retries)
         out["failures"] = torch.tensor(failed, dtype=torch.int64)
         return out
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> dict[str, Tensor]:
+        """A whole batch (what the DataLoader asks a worker for): each sample is loaded straight into its slot of
+        batch tensors allocated in shared memory in a worker, so no collate copy follows and the main process maps
+        the batch as it is (18 MB per paper sequence that is not copied twice)."""
+        n, shared = len(keys), torch.utils.data.get_worker_info() is not None
+        batch = {k: _empty((n, *shape), dtype, shared) for k, (shape, dtype) in self.shapes().items()}
+        label, index, failures = (torch.empty(n, dtype=torch.int64) for _ in range(3))
+        for b, key in enumerate(keys):
+            epoch, i = self._key(key)
+            load = functools.partial(self.load, out={k: v[b] for k, v in batch.items()})
+            got, failures[b] = load_with_retries(load, i, self.records, self.seed, epoch, self.train, self.max_retries)
+            label[b], index[b] = got["label"], got["index"]
+        return {**batch, "label": label, "index": index, "failures": failures}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> Tensor:
+    """An uninitialised tensor, in shared memory when ``shared`` (as torch's own collate allocates a worker's batch:
+    a tensor sent from a worker is otherwise copied into shared memory when it is pickled)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if not shared or new_shared is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _as_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The DataLoader's collate step: :meth:`SequenceDataset.__getitems__` already made the batch."""
+    return batch
 
 
 class _KeySampler(torch.utils.data.Sampler):
@@ -200,6 +252,7 @@ class CPULoader:
                 num_workers=self.num_workers,
                 drop_last=self.drop_last,
                 persistent_workers=self.persistent,
+                collate_fn=_as_batch,
                 pin_memory=self.pin_memory,
                 prefetch_factor=2 if self.num_workers else None,
                 # own generator: a DataLoader draws its base seed from the global RNG otherwise, which would shift the

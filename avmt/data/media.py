@@ -124,13 +124,16 @@ def read_frames(
     box: tuple[int, int, int, int] | None = None,
     seek_gap_seconds: float = 2.0,
     threads: int = 0,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Decode the frames with native indices ``indices`` (int, any order, repeats allowed) of a constant-frame-rate
-    video into ``[len(indices), H, W, 3]`` uint8 RGB.
+    """Decode the frames with native indices ``indices`` (an int array of any shape, any order, repeats allowed) of a
+    constant-frame-rate video into ``[*indices.shape, H, W, 3]`` uint8 RGB.
 
     ``height``/``width``/``box``: rescale, then keep only a region (see :class:`FrameConverter`). ``threads``:
     decoder threads, 0 = FFmpeg's choice (frame and slice threads: fastest alone), 1 = none (right in a loader
     worker, where one worker per core already fills the cores: threads there cost ~20% more CPU per sequence).
+    ``out``: a writable uint8 array of that shape, any strides (a view into a batch, transposed or flipped), that the
+    frames are written into as they are converted and that is returned; without it one is allocated.
 
     Only the needed parts are decoded: the decoder seeks to the keyframe before each group of wanted frames
     and skips forward when the next wanted frame is less than ``seek_gap_seconds`` ahead. A frame's index is
@@ -140,8 +143,20 @@ def read_frames(
 
     convert = FrameConverter(height, width, box)
     want = np.asarray(indices, dtype=np.int64)
-    order = np.unique(want)
-    got: dict[int, np.ndarray] = {}
+    order, inverse = np.unique(want.reshape(-1), return_inverse=True)
+    slots: list[list[tuple[int, ...]]] = [[] for _ in order]  # where each wanted frame goes in ``out``
+    for flat, k in enumerate(inverse.tolist()):
+        slots[k].append(np.unravel_index(flat, want.shape))
+
+    def put(k: int, img: np.ndarray) -> None:
+        nonlocal out
+        if out is None:
+            out = np.empty((*want.shape, *img.shape), np.uint8)
+        elif out.shape != (*want.shape, *img.shape):
+            raise ValueError(f"out has shape {list(out.shape)}, the frames need {[*want.shape, *img.shape]}")
+        for slot in slots[k]:
+            out[slot] = img
+
     last: np.ndarray | None = None
     with av.open(str(path)) as container:
         vs = container.streams.video[0]
@@ -168,7 +183,7 @@ def read_frames(
                 while pos < len(order) and order[pos] <= idx:
                     if img is None:
                         img = convert(frame)
-                    got[int(order[pos])] = img
+                    put(pos, img)
                     pos += 1
                 last = img if img is not None else last
                 if pos >= len(order):
@@ -178,12 +193,11 @@ def read_frames(
                     break
             if not reseek:
                 break  # end of stream
-        if last is None and not got:
+        if last is None:
             raise MediaError("undecodable", f"no frame could be decoded from {path}")
-        fill = got[max(got)] if got else last
-        for i in order[pos:]:
-            got[int(i)] = fill
-    return np.stack([got[int(i)] for i in want])
+        for k in range(pos, len(order)):
+            put(k, last)  # past the last decodable frame
+    return out
 
 
 def write_pcm(path: str | Path, samples: np.ndarray) -> None:

@@ -1,7 +1,7 @@
 """Prepare a folder of videos for training: probe every file, extract its audio, record kept and rejected files.
 
 ``python -m avmt.data.prepare (--root DIR | --csv FILE | --format F ...) --out OUT [--sample-rate 44100]
-[--min-seconds 2] [--workers 4] [--probe-timeout 300] [--transcode [--short-side N] [--fps F] [--preset paper]]``
+[--min-seconds 2] [--workers 4] [--probe-timeout 300] [--transcode [--short-side N] [--fps F] [--crf 23] [--preset paper]]``
 
 - ``--format ucf101 --root DIR --splits DIR``, ``--format esc50 --root DIR``, ``--format kinetics-sounds --root DIR
   [--csv FILE]``: the transfer datasets as they ship (:mod:`avmt.data.layouts`); records carry their split or fold
@@ -20,7 +20,7 @@ ends in exactly one of the two files. Reasons: ``empty``, ``unreadable``, ``not_
 ``no_audio``, ``undecodable``, ``too_short``, ``no_label``, ``bad_span``, ``not_regular_file``, ``timeout``,
 ``transcode``, ``error`` (anything unexpected).
 
-``--transcode [--short-side N] [--fps F] [--preset P]``: also re-encode every kept video once into ``OUT/video/``
+``--transcode [--short-side N] [--fps F] [--crf Q] [--preset P]``: also re-encode every kept video once into ``OUT/video/``
 (:mod:`avmt.data.transcode`; defaults: the preset's largest train scale and ``data.fps``); its record's ``path`` is
 then the transcoded file and ``source`` the original.
 
@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="paper", help="the config whose data settings set the --transcode defaults (default paper)")
     p.add_argument("--short-side", type=int, default=None, help="transcoded short side in px (default: the preset's largest train scale)")
     p.add_argument("--fps", type=float, default=None, help="transcoded constant frame rate (default: the preset's data.fps)")
+    p.add_argument("--crf", type=int, default=None, help="x264 constant rate factor of the transcodes, 0-51, lower is better (default 23)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     a = p.parse_args(argv)
@@ -468,12 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             data = load_config(a.preset).data
             short = a.short_side if a.short_side is not None else data.scale_range[1]
-            transcode = TranscodeSettings(short, a.fps if a.fps is not None else data.fps)
+            quality = {} if a.crf is None else {"crf": a.crf}
+            transcode = TranscodeSettings(short, a.fps if a.fps is not None else data.fps, **quality)
         except (ConfigError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    elif a.short_side is not None or a.fps is not None:
-        print("error: --short-side and --fps set what --transcode writes; pass --transcode", file=sys.stderr)
+    elif a.short_side is not None or a.fps is not None or a.crf is not None:
+        print("error: --short-side, --fps and --crf set what --transcode writes; pass --transcode", file=sys.stderr)
         return 2
     try:
         s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, not a.quiet, a.probe_timeout, transcode)
