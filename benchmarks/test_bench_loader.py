@@ -7,14 +7,16 @@
   picked afterwards (the released AVBERT code's method), the rest of the pipeline unchanged.
 
 Each case reports sequences per second at the paper data settings (T=15 clips x 32 frames at 16 fps, 112^2
-crops, 80 x 128 log-mel, train mode) with the loader's default worker count, the CPU seconds one sequence costs on
-one core (in-process, as a worker loads it), and the share of time a short
+crops, 80 x 128 log-mel, train mode) with the loader's default worker count, timed in rounds that alternate between
+the cases (the machine's speed drifts over minutes), its ratio to the originals overall and round by round, the CPU
+seconds one sequence costs on one core (in-process, as a worker loads it), and the share of time a short
 training run (the ``small`` preset, batch 4, audio at 44.1 kHz as prepared) fed by it waits for data. Quick mode
 (CI) shrinks the videos and the counts so that it only proves the benchmark runs; keep numbers from ``--full``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -164,49 +166,98 @@ def _data_wait_share(case: str, inputs: Inputs, tmp: Path, steps: int) -> float:
     return train(cfg, resume=False, progress=False)["data_wait_share"]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_loader(benchmark, full, inputs, case, tmp_path, summary_line, monkeypatch):
+@contextlib.contextmanager
+def _reader_of(case: str):
+    """The frame reader of ``case`` set on the dataset class for the block (forked workers inherit it)."""
+    saved = SequenceDataset.__dict__["frame_reader"]
+    if case == "decode_whole":  # the same pipeline with the whole-file frame reader
+        SequenceDataset.frame_reader = staticmethod(_read_whole)
+    try:
+        yield
+    finally:
+        SequenceDataset.frame_reader = saved
+
+
+def _records(case: str, inputs: Inputs) -> list[dict]:
+    return load_manifest(inputs.transcoded if case == "transcoded" else inputs.original)
+
+
+def _timed_round(case: str, inputs: Inputs, batch: int, batches: int) -> float:
+    """Seconds that ``batches`` batches of ``case`` take once a fresh loader has delivered its first (worker start and
+    first decodes excluded); the loader's workers are ended before it returns, so no idle prefetching outlives it."""
     cfg = load_config("paper").data
-    batch, batches, steps = (2, 16, 8) if full else (1, 2, 2)  # full: 32 timed sequences (the machine is noisy)
-    if case == "decode_whole":  # the same pipeline with the whole-file frame reader, here and in the training run
-        monkeypatch.setattr(SequenceDataset, "frame_reader", staticmethod(_read_whole))
-    recs = load_manifest(inputs.transcoded if case == "transcoded" else inputs.original)
+    recs = _records(case, inputs)
     # The records repeated so that one epoch holds every timed batch: at an epoch's end the DataLoader drains its
     # workers, which a real dataset (thousands of batches per epoch) almost never does.
     repeated = recs * -(-(batches + 1) * batch // len(recs))
-    loader = CPULoader(repeated, cfg, batch, train=True, seed=0, num_workers=worker_count(-1), drop_last=True)
-    stream = _batches(loader, batches + 1)
-    first = next(stream)  # warm-up: worker start, first decodes
-    assert first["video"].dtype == torch.uint8 and first["video"].shape[1:] == (15, 3, 32, 112, 112)
-    benchmark.pedantic(lambda: sum(1 for _ in stream), rounds=1, iterations=1)  # the timed batches
-    seconds = benchmark.stats.stats.median
-    rate, n = batches * batch / seconds, batches * batch
-    stream.close()  # ends the epoch's DataLoader iterator, whose idle workers would otherwise still be prefetching
-    loader.close()
-    gc.collect()
-    cpu_s = _cpu_seconds_per_sequence(recs, cfg, 16 if full else 2)  # alone on the machine: SMT siblings share a core
-    wait = _data_wait_share(case, inputs, tmp_path, steps)
+    with _reader_of(case):
+        loader = CPULoader(repeated, cfg, batch, train=True, seed=0, num_workers=worker_count(-1), drop_last=True)
+        stream = _batches(loader, batches + 1)
+        first = next(stream)
+        assert first["video"].dtype == torch.uint8 and first["video"].shape[1:] == (15, 3, 32, 112, 112)
+        t0 = time.perf_counter()
+        assert sum(1 for _ in stream) == batches
+        seconds = time.perf_counter() - t0
+        stream.close()
+        loader.close()
+        gc.collect()
+    return seconds
+
+
+def test_loader(benchmark, full, inputs, tmp_path, summary_line):
+    """The three cases timed in alternating rounds (A B C, C B A, ...), so that the machine's drift over minutes falls
+    on every case alike; the benchmark's time is the whole side-by-side run."""
+    rounds, batch, batches, steps = (4, 2, 4, 8) if full else (1, 1, 2, 2)  # full: 32 timed sequences per case
+    seconds: dict[str, list[float]] = {case: [] for case in CASES}
+
+    def side_by_side() -> None:
+        for r in range(rounds):
+            for case in CASES if r % 2 == 0 else CASES[::-1]:
+                seconds[case].append(_timed_round(case, inputs, batch, batches))
+
+    benchmark.pedantic(side_by_side, rounds=1, iterations=1)
+    per_round = batch * batches
+    rate = {case: rounds * per_round / sum(seconds[case]) for case in CASES}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cfg = load_config("paper").data
+    cases = []
+    for case in CASES:
+        recs = _records(case, inputs)
+        with _reader_of(case):
+            cpu_s = _cpu_seconds_per_sequence(recs, cfg, 16 if full else 2)  # alone on the machine
+            wait = _data_wait_share(case, inputs, tmp_path, steps)
+        ratios = [seconds["original"][r] / seconds[case][r] for r in range(rounds)]  # equal sequences per round
+        cases.append(
+            {
+                "case": case,
+                "sequences_per_s": rate[case],
+                "sequences": rounds * per_round,
+                "round_seconds": seconds[case],
+                "vs_original_by_round": ratios,
+                "sequences_per_s_per_core": rate[case] / max(1, worker_count(-1)),
+                "cpu_s_per_sequence": cpu_s,  # one core, in-process (decode, rescale, crop, log-mel)
+                "sequences_per_cpu_s": 1.0 / cpu_s,
+                "data_wait_share_small": wait,
+                "video": f"{recs[0]['width']}x{recs[0]['height']} {recs[0]['video_codec']} {recs[0]['fps']:g} fps",
+                "keyframe_seconds": 1.0 if case == "transcoded" else inputs.keyframe_seconds,
+                **({"transcode_wall_s": inputs.transcode_wall_s} if case == "transcoded" else {}),
+            }
+        )
+        summary_line(
+            f"loader {case:13s} {rate[case]:6.2f} sequences/s ({worker_count(-1)} workers; "
+            f"{rate[case] / rate['original']:4.1f}x the originals, {min(ratios):.1f}-{max(ratios):.1f}x by round), "
+            f"{1 / cpu_s:5.2f} per CPU-second on one core, small-run data wait {wait:.0%}"
+        )
     benchmark.extra_info.update(
-        kind="loader",
-        case=case,
-        sequences_per_s=rate,
-        sequences=n,
+        kind="loader_side_by_side",
+        cases=cases,
+        rounds=rounds,
+        batch=batch,
+        batches_per_round=batches,
         workers=worker_count(-1),
-        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        sequences_per_s_per_core=rate / max(1, worker_count(-1)),
-        cpu_s_per_sequence=cpu_s,  # one core, in-process (decode, rescale, crop, log-mel)
-        sequences_per_cpu_s=1.0 / cpu_s,
+        cores=cores,
         host_bytes_per_sequence=15 * 32 * 3 * 112 * 112 + 15 * 80 * 128 * 4,  # uint8 video + float32 log-mel
-        data_wait_share_small=wait,
-        video=f"{recs[0]['width']}x{recs[0]['height']} {recs[0]['video_codec']} {recs[0]['fps']:g} fps",
-        keyframe_seconds=1.0 if case == "transcoded" else inputs.keyframe_seconds,
         videos=inputs.videos,
         seconds_per_video=inputs.seconds,
         torch=torch.__version__,
-    )
-    if case == "transcoded":
-        benchmark.extra_info["transcode_wall_s"] = inputs.transcode_wall_s
-    summary_line(
-        f"loader {case:13s} {rate:6.2f} sequences/s ({worker_count(-1)} workers), {1 / cpu_s:5.2f} per CPU-second on one core, "
-        f"small-run data wait {wait:.0%}"
     )

@@ -14,7 +14,7 @@ from avmt.config import SHARING_SCHEMES, load_config
 
 
 # -- report ------------------------------------------------------------------------------------------------------------
-def _bench_json(path, records, mode="quick"):
+def _bench_json(path, records, mode="quick", date="2026-01-01"):
     path.write_text(
         json.dumps(
             {
@@ -24,7 +24,7 @@ def _bench_json(path, records, mode="quick"):
                     "device": "cpu: test",
                     "torch": torch.__version__,
                     "mode": mode,
-                    "date": "2026-01-01T00:00:00+00:00",
+                    "date": f"{date}T00:00:00+00:00",
                     "command": "pytest benchmarks",
                 },
                 "benchmarks": [{"name": n, "stats": st, "extra_info": info} for n, st, info in records],
@@ -168,3 +168,10 @@ def test_report_renders_the_loader_cases(tmp_path):
     md = render(load_results([tmp_path]), tmp_path, plots=False)
     assert "| `original` | 1280x720 h264 25 fps | 10 s | 0.5 | 0.25 | - | 1.0× | 50% | 2 |" in md  # older record: no CPU-s
     assert "| `transcoded` | 284x160 h264 16 fps | 1 s | 6 | 3 | 5.2 | 12.0× | 10% | 2 |" in md
+    side = {"kind": "loader_side_by_side", "workers": 2, "rounds": 2, "cases": []}
+    for case, rate, ratios in (("original", 0.9, [1.0, 1.0]), ("transcoded", 9.9, [10.5, 11.7])):
+        side["cases"].append({**base, "case": case, "video": "v", "sequences_per_s": rate, "sequences_per_s_per_core": rate / 2})
+        side["cases"][-1]["vs_original_by_round"] = ratios
+    _bench_json(tmp_path / "loader2.json", [("side", {"median": 60}, side)], mode="full", date="2026-12-02")
+    md = render(load_results([tmp_path]), tmp_path, plots=False)
+    assert "| `transcoded` | v | 10 s | 9.9 | 4.95 | - | 11.0× (10.5-11.7× by round) | 50% | 2 |" in md  # the newer run wins

@@ -5,7 +5,8 @@ Reads every ``*.json`` given (files or folders, default ``benchmarks/results``):
 - pytest-benchmark JSON (``--benchmark-json``): each benchmark's ``extra_info`` says what it measured —
   ``kind="memory"`` (:mod:`avmt.bench.memory` records), ``kind="step"`` (training-step time),
   ``kind="largest_batch"``, the low-rank kernel sweep (``impl`` = triton / reference / compiled) and the
-  negative-sampling sweep (``backend``), ``kind="loader"`` (the loader fed three ways); the file's ``avmt`` block
+  negative-sampling sweep (``backend``), ``kind="loader_side_by_side"`` (the loader fed three ways, timed in
+  alternating rounds; read as one ``kind="loader"`` record per case, as older files hold them); the file's ``avmt`` block
   (device, versions, command, date) is quoted;
 - the summary JSON of the removed ``benchmarks/bench_loader.py`` (``"bench": "cpu_loader"``) and of the sampling sweep
   (``"benchmark": "sample_negatives..."``).
@@ -96,7 +97,13 @@ def load_results(paths: Iterable[str | Path]) -> Results:
             meta.setdefault("device", (data.get("machine_info") or {}).get("cpu", {}).get("brand_raw"))
             res.sources.append({"path": str(f), "kind": "pytest-benchmark", **meta})
             for b in data["benchmarks"]:
-                res.records.append(Record(str(f), meta, b.get("name", ""), dict(b.get("extra_info") or {}), dict(b.get("stats") or {})))
+                info, name, stats = dict(b.get("extra_info") or {}), b.get("name", ""), dict(b.get("stats") or {})
+                if info.get("kind") == "loader_side_by_side":  # one record per case, with what the cases share
+                    shared = {k: v for k, v in info.items() if k not in ("kind", "cases")}
+                    for case in info.get("cases", []):
+                        res.records.append(Record(str(f), meta, f"{name}[{case['case']}]", {**shared, **case, "kind": "loader"}, stats))
+                    continue
+                res.records.append(Record(str(f), meta, name, info, stats))
         elif isinstance(data, dict) and data.get("bench") == "cpu_loader":
             res.loader.append({"path": str(f), **data})
             res.sources.append(
@@ -656,6 +663,15 @@ def _sampling_section(res: Results) -> list[str]:
     return md + [_table(["backend", "pool Np", "anchors", "median ms", "min ms", "peak extra MiB", "device", "file"], rows), ""]
 
 
+def _vs_original(info: dict[str, Any], orig: float | None) -> str:
+    """The case's rate over the originals', with the range over rounds when the cases were timed in alternating rounds."""
+    if not orig:
+        return "-"
+    by_round = info.get("vs_original_by_round")
+    spread = f" ({min(by_round):.1f}-{max(by_round):.1f}× by round)" if by_round and len(by_round) > 1 else ""
+    return f"{info['sequences_per_s'] / orig:.1f}×{spread}"
+
+
 def _loader_section(res: Results) -> list[str]:
     md = ["## Data loader (collected)", ""]
     recs = _latest([r for r in res.records if r.info.get("kind") == "loader"], lambda r: r.info["case"])
@@ -670,7 +686,7 @@ def _loader_section(res: Results) -> list[str]:
                 f"{i['sequences_per_s']:.3g}",
                 f"{i['sequences_per_s_per_core']:.3g}",
                 f"{i['sequences_per_cpu_s']:.3g}" if "sequences_per_cpu_s" in i else "-",
-                f"{i['sequences_per_s'] / orig:.1f}×" if orig else "-",
+                _vs_original(i, orig),
                 f"{i['data_wait_share_small']:.0%}",
                 str(i["workers"]),
             ]
