@@ -64,6 +64,7 @@ class FrameConverter:
         self._geometry: tuple[int, int, str] | None = None  # (width, height, format) of the frames the plan is for
         self._region: tuple[int, int, int, int] | None = None  # (top, left, h, w) of the source to rescale to the box
         self._buffer: Any = None  # a reused frame holding the region
+        self._copies: list[tuple[np.ndarray, tuple[slice, slice]]] = []  # per plane: (buffer view, source slices)
 
     def _plan(self, frame) -> None:
         self._geometry = (frame.width, frame.height, frame.format.name)
@@ -85,6 +86,11 @@ class FrameConverter:
             import av
 
             self._buffer = av.VideoFrame(rw, rh, frame.format.name)
+            chroma = (r0 // 2, c0 // 2, (rh + 1) // 2, (rw + 1) // 2)
+            self._copies = [
+                (_plane(self._buffer, i)[:h, :w], (slice(a, a + h), slice(b, b + w)))
+                for i, (a, b, h, w) in enumerate(((r0, c0, rh, rw), chroma, chroma))
+            ]
 
     def __call__(self, frame) -> np.ndarray:
         if self._geometry != (frame.width, frame.height, frame.format.name):
@@ -97,12 +103,11 @@ class FrameConverter:
                 return img
             top, left, h, w = self.box
             return img[top : top + h, left : left + w]
-        r0, c0, rh, rw = self._region
         src = frame
         if self._buffer is not None:
             src = self._buffer
-            for i, (a, b, h, w) in enumerate(((r0, c0, rh, rw), *[(r0 // 2, c0 // 2, (rh + 1) // 2, (rw + 1) // 2)] * 2)):
-                _plane(src, i)[:h, :w] = _plane(frame, i)[a : a + h, b : b + w]
+            for i, (dst, cut) in enumerate(self._copies):
+                dst[...] = _plane(frame, i)[cut]
             src.colorspace, src.color_range = frame.colorspace, frame.color_range
         h, w = (self.box[2], self.box[3]) if self.box else (self.height or frame.height, self.width or frame.width)
         small = self._scaler.reformat(src, width=w, height=h, threads=1)
