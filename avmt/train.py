@@ -212,6 +212,18 @@ def restore(
     return RunState(state["step"], state["epoch"], state["batch_in_epoch"], state["nonfinite_total"])
 
 
+# What a collective that outwaited its timeout raises: "... timed out ..." (NCCL, gloo's waits), or, when gloo's timeout
+# closes the connection first, "Application timeout caused pair closure"
+COLLECTIVE_TIMEOUT_MESSAGES = ("timed out", "timeout caused pair closure")
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """Whether ``e`` (from a ``torch.distributed`` collective) says that it waited longer than the process group's
+    timeout."""
+    msg = str(e).lower()
+    return any(m in msg for m in COLLECTIVE_TIMEOUT_MESSAGES)
+
+
 def accumulate(
     net: torch.nn.Module, batches: Any, tc: TrainConfig, device: torch.device, bf16: bool, gen: torch.Generator
 ) -> tuple[str, int, dict[str, float], float]:
@@ -220,7 +232,7 @@ def accumulate(
     try:
         return _accumulate(net, batches, tc, device, bf16, gen)
     except RuntimeError as e:
-        if not (dist.is_initialized() and "timed out" in str(e).lower()):
+        if not (dist.is_initialized() and is_collective_timeout(e)):
             raise
         raise TrainingError(
             f"rank {dist.get_rank()}: a collective waited longer than train.dist_timeout_s={tc.dist_timeout_s:g} s "

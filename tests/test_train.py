@@ -376,6 +376,17 @@ def test_a_hung_rank_fails_the_job_after_the_timeout(manifest, tmp_path):
     assert "another rank is hung or dead" in result["error"] and result["seconds"] < 60
 
 
+def test_collective_timeouts_are_recognised_in_both_wordings():
+    """gloo reports a collective that outwaited its timeout either as a wait that "timed out" or, when the timeout
+    closed its connection first, as a pair closure (seen in CI); other distributed errors are not timeouts."""
+    from avmt.train import is_collective_timeout
+
+    assert is_collective_timeout(RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 4000ms"))
+    assert is_collective_timeout(RuntimeError("Application timeout caused pair closure"))
+    assert not is_collective_timeout(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500"))
+    assert not is_collective_timeout(RuntimeError("CUDA out of memory"))
+
+
 def test_no_resume_sets_the_earlier_runs_checkpoints_aside(manifest, tmp_path, capsys):
     """Starting over in a folder with an earlier, longer run: its checkpoints are moved aside (kept), so a later resume
     continues the new run, not the earlier run's higher steps."""
