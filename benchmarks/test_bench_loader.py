@@ -128,7 +128,8 @@ def _read_whole(path, indices, fps, height=None, width=None, box=None, threads=0
 
 def _cpu_seconds_per_sequence(records: list[dict], cfg, count: int) -> float:
     """CPU seconds (all threads of this process) to load one train sequence on one core: the frame reader without
-    decoder threads and torch on one thread, as in a loader worker; after one warm-up load."""
+    decoder threads and torch on one thread, as in a loader worker, but into plain memory (a worker's batch is in
+    shared memory, whose first-touch faults cost it more: docs/data.md); after one warm-up load."""
     ds = SequenceDataset(records, cfg, train=True, seed=0, decode_threads=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

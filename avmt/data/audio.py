@@ -81,8 +81,8 @@ def log_mel(wave: Tensor, spec: MelSpec, fbank: Tensor | None = None, chunk: int
     ``chunk``: transform the windows in pieces of ``chunk`` to ``2 * chunk - 1`` (the CPU loader: a paper sequence's
     15 windows at once need ~50 MB of STFT buffers, which the allocator maps and faults in anew for every sequence;
     3 at a time stay in the heap and the cache). None: all at once (on a GPU). ``chunk >= 2``, so that no piece is
-    a single window when there are more: a single window's mel projection is a plain matrix product, whose float32 sums depend on the
-    thread count, and a worker (one thread) must give the bytes the main process would.
+    a single window when there are more: a single window's mel projection is a plain matrix product, whose float32
+    sums depend on the thread count, and a worker (one thread) must give the bytes the main process would.
     """
     if wave.shape[-1] != spec.num_samples:
         raise ValueError(f"audio windows have {wave.shape[-1]} samples, expected {spec.num_samples}")
@@ -90,14 +90,14 @@ def log_mel(wave: Tensor, spec: MelSpec, fbank: Tensor | None = None, chunk: int
     flat = wave.reshape(-1, spec.num_samples)
     if chunk is not None and chunk < 2:
         raise ValueError(f"chunk={chunk}: pieces must hold at least 2 windows")
+    if fbank is None:
+        fbank = mel_filter_bank(spec.n_fft, spec.sample_rate, spec.n_mels, dtype=wave.dtype, device=wave.device)
     if chunk is not None and flat.shape[0] >= 2 * chunk:
         parts = [log_mel(piece, spec, fbank) for piece in torch.tensor_split(flat, flat.shape[0] // chunk)]
         return torch.cat(parts).reshape(*lead, spec.n_mels, spec.mel_frames)
     window = torch.hann_window(spec.n_fft, periodic=True, dtype=wave.dtype, device=wave.device)
     stft = torch.stft(flat, spec.n_fft, hop_length=spec.hop, window=window, center=True, pad_mode="reflect", return_complex=True)
     power = stft.real.square() + stft.imag.square()  # [N, n_fft//2+1, frames]
-    if fbank is None:
-        fbank = mel_filter_bank(spec.n_fft, spec.sample_rate, spec.n_mels, dtype=wave.dtype, device=wave.device)
     mel = torch.matmul(fbank, power[..., : spec.mel_frames])
     return torch.log(LOG_EPS + mel).reshape(*lead, spec.n_mels, spec.mel_frames)
 

@@ -150,8 +150,8 @@ def read_frames(
     want = np.asarray(indices, dtype=np.int64)
     order, inverse = np.unique(want.reshape(-1), return_inverse=True)
     slots: list[list[tuple[int, ...]]] = [[] for _ in order]  # where each wanted frame goes in ``out``
-    for flat, k in enumerate(inverse.tolist()):
-        slots[k].append(np.unravel_index(flat, want.shape))
+    for k, *slot in zip(inverse.tolist(), *(a.tolist() for a in np.unravel_index(np.arange(want.size), want.shape))):
+        slots[k].append(tuple(slot))
 
     def put(k: int, img: np.ndarray) -> None:
         nonlocal out

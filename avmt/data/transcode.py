@@ -29,9 +29,7 @@ class TranscodeSettings:
     short_side: int
     fps: float
     keyframe_seconds: float = 1.0
-    # x264's own default; against 20: decoding ~27% faster, ~20% fewer bytes, luma PSNR 45.5 vs 47.3 dB against the
-    # rescaled source (the loader benchmark's synthetic videos; real footage loses more)
-    crf: int = 23
+    crf: int = 23  # x264's own default: decodes faster and is smaller than 20 (measured: docs/data.md, "Benchmark")
     preset: str = "veryfast"
     # x264 --tune: fastdecode (CAVLC, no deblocking or weighted prediction) decodes the loader's frames ~28% faster
     # for ~20% more bytes (measured on the loader benchmark's videos); "" for none
