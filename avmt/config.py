@@ -43,6 +43,7 @@ Check = tuple[Callable[[Any], bool], str]
 POSITIVE: Check = (lambda v: v > 0, "a number > 0")
 NON_NEGATIVE: Check = (lambda v: v >= 0, "a number >= 0")
 PROBABILITY: Check = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+SECONDS_OR_OFF: Check = (lambda v: 0 <= v < float("inf"), "a finite number of seconds >= 0 (0: no limit)")
 ALL_POSITIVE: Check = (lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of numbers > 0")
 
 
@@ -202,6 +203,8 @@ class DataConfig(_Section):
     # auto: DALI on a CUDA device when it imports, else the PyAV CPU loader; dali: raises where it cannot run
     # (without CUDA it is DALI's CPU pipeline, VP9/MJPEG only). See avmt.data.loader.
     loader: Literal["auto", "cpu", "dali"] = "auto"
+    # CPU loader with workers: a batch that takes longer stops the run, naming the worker and the file it is reading
+    batch_timeout_s: float = _field(300.0, SECONDS_OR_OFF)
 
     def _check(self) -> None:
         self._require(
@@ -279,6 +282,8 @@ class TrainConfig(_Section):
     max_nonfinite: int = _field(20, POSITIVE)  # consecutive non-finite losses before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run (CUDA; the CPU path already is)
     dist_timeout_s: float = _field(1800.0, POSITIVE)  # a collective waiting longer fails the job (a hung rank)
+    # no optimizer step completed for this long: every thread's stack is written to the run folder and the process exits
+    watchdog_s: float = _field(1800.0, SECONDS_OR_OFF)
     seed: int = 0
 
 

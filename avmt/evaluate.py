@@ -39,7 +39,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,7 @@ from avmt.objectives import Pretraining, swap_permutation
 from avmt.protocols import DEFAULTS as TRANSFER_DEFAULTS
 from avmt.protocols import PROTOCOLS as TRANSFER_PROTOCOLS
 from avmt.protocols import ProtocolError
+from avmt.watchdog import Watchdog, beat
 
 HEADS = ("visual", "audio", "audiovisual")
 PROTOCOLS = ("linear", "finetune")
@@ -117,6 +120,7 @@ def over_views(
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for k, v in fn(batch).items():
                 outs.setdefault(k, []).append(v.float().cpu())
+            beat()
             rows.append(batch["index"].cpu())  # the manifest row loaded; train mode shuffles, so restore the order below
         loader.close()  # DALI: stop its prefetching threads before the next view's loader starts
         if loader.failures:
@@ -407,6 +411,7 @@ def finetune(
                 opts[h].step()
                 scheds[h].step()
                 sums[h] += loss.item()
+            beat()
             bar.update(1)
             bar.set_postfix({h: f"{sums[h] / max(1, bar.n - epoch * steps_per_epoch):.3f}" for h in heads})
         for h in heads:
@@ -547,6 +552,14 @@ def _classify(
     return results
 
 
+def _stacks_path(ckpt: Path) -> Path:
+    """Where a stuck evaluation writes its stacks: the run folder of ``ckpt`` (``RUN/checkpoints/step-N``), else the
+    checkpoint folder's parent, if writable; the temporary folder otherwise."""
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    folder = run if os.access(run, os.W_OK) else Path(tempfile.gettempdir())
+    return folder / f"hang-stacks-evaluate-{os.getpid()}.txt"
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = FinetuneSettings()
     parser = argparse.ArgumentParser(
@@ -587,6 +600,13 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--spatial-views", type=int, default=None, help="test crops per clip (3 / - / 3)")
     tr.add_argument("--test-crop", type=int, default=None, help="test short side and crop in px (128)")
     tr.add_argument("data_overrides", nargs="*", metavar="data.key=value", help="data settings of the protocol, e.g. data.frames=8")
+    parser.add_argument(
+        "--watchdog-s",
+        type=float,
+        default=1800.0,
+        help="no batch evaluated for this long: every thread's stack is written to the checkpoint's run folder and the "
+        "command exits (default 1800; 0: off)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
@@ -606,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.checkpoint} holds no checkpoint (expected RUN/checkpoints/latest or a folder with state.pt)")
     if args.views < 1 or not 0 < args.test_fraction < 1:
         parser.error("--views must be >= 1 and --test-fraction in (0, 1)")
+    if not 0 <= args.watchdog_s < float("inf"):
+        parser.error(f"--watchdog-s must be a finite number of seconds >= 0 (0: off), got {args.watchdog_s:g}")
     heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
     if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
         parser.error(f"--heads {args.heads!r} is invalid: expected a comma-separated subset of {','.join(HEADS)}")
@@ -641,7 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_dict(state["config"])
         if args.loader is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=args.loader))
-        results = _transfer(args, ckpt, cfg, settings, device) if transfer else _classify(args, ckpt, state, cfg, heads, settings, device)
+        with Watchdog(args.watchdog_s, _stacks_path(ckpt), "no batch evaluated (--watchdog-s)", prog="avmt.evaluate"):
+            if transfer:
+                results = _transfer(args, ckpt, cfg, settings, device)
+            else:
+                results = _classify(args, ckpt, state, cfg, heads, settings, device)
     except (EvaluationError, ProtocolError, LoaderError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         if args.debug:
             raise

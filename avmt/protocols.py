@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from avmt.config import DataConfig
 from avmt.data.clips import View
+from avmt.watchdog import beat
 
 PROTOCOLS = ("ucf101", "esc50", "kinetics-sounds")
 
@@ -325,6 +326,7 @@ def run_split(
             opt.step()
             sched.step()
             running += loss.item()
+            beat()
             bar.update(1)
             bar.set_postfix(loss=f"{running / max(1, bar.n - epoch * steps):.3f}")
         history.append(running / steps)
@@ -343,6 +345,7 @@ def run_split(
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = _video_logits(name, clf(batch)).float().cpu()
                 logits[batch["index"].cpu()] += out / len(views)
+                beat()
             test.close()
             if test.failures:
                 raise RuntimeError(f"{name} {desc}: {test.failures} test file(s) failed to load; see the log")

@@ -42,6 +42,7 @@ from avmt.data.loader import LoaderError
 from avmt.models import AVBert
 from avmt.objectives import Pretraining
 from avmt.optim import build_optimizer, build_scheduler, use_bf16
+from avmt.watchdog import Watchdog
 
 
 class TrainingError(RuntimeError):
@@ -159,7 +160,9 @@ RESUMABLE_CHANGES = frozenset(
         "train.save_every",
         "train.max_nonfinite",
         "train.dist_timeout_s",
+        "train.watchdog_s",
         "data.num_workers",
+        "data.batch_timeout_s",
         "train.init_from",  # read only when a run starts
     }
 )
@@ -398,43 +401,46 @@ def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow
     pre.train()
     nonfinite_run, t_data, t_total, tick = 0, 0.0, 0.0, time.perf_counter()
     end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
-    while run.step < end:
-        loader.set_epoch(run.epoch)
-        batches = loader.iterate(run.batch_in_epoch)
+    stacks = run_dir / f"hang-stacks-rank{rank}.txt"
+    with Watchdog(tc.watchdog_s, stacks, "no training step completed (train.watchdog_s)", prog="avmt.train") as dog:
         while run.step < end:
-            try:
-                outcome, used, metrics, wait = accumulate(net, batches, tc, device, bf16, gen)
-            except LoaderError as e:  # the data gave out mid-run: keep what was trained, then say why
+            loader.set_epoch(run.epoch)
+            batches = loader.iterate(run.batch_in_epoch)
+            while run.step < end:
+                try:
+                    outcome, used, metrics, wait = accumulate(net, batches, tc, device, bf16, gen)
+                except LoaderError as e:  # the data gave out mid-run: keep what was trained, then say why
+                    opt.zero_grad(set_to_none=True)
+                    save()
+                    raise TrainingError(f"{e} (at step {run.step}; the checkpoint of that step is saved)") from None
+                dog.beat()
+                run.batch_in_epoch += used
+                t_data += wait
+                grad_norm = clip_gradients(pre, tc) if outcome == "ok" else None
+                if grad_norm is None:  # no step: the epoch ended, or a loss or a gradient was NaN/inf
+                    opt.zero_grad(set_to_none=True)
+                if outcome == "epoch_end":
+                    run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+                    break
+                if grad_norm is None:
+                    nonfinite_run = count_nonfinite(run, nonfinite_run + 1, tc, save)
+                    continue
+                nonfinite_run = 0
+                opt.step()
                 opt.zero_grad(set_to_none=True)
-                save()
-                raise TrainingError(f"{e} (at step {run.step}; the checkpoint of that step is saved)") from None
-            run.batch_in_epoch += used
-            t_data += wait
-            grad_norm = clip_gradients(pre, tc) if outcome == "ok" else None
-            if grad_norm is None:  # no step: the epoch ended, or a loss or a gradient was NaN/inf
-                opt.zero_grad(set_to_none=True)
-            if outcome == "epoch_end":
-                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-                break
-            if grad_norm is None:
-                nonfinite_run = count_nonfinite(run, nonfinite_run + 1, tc, save)
-                continue
-            nonfinite_run = 0
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            run.step += 1
-            now = time.perf_counter()
-            t_total, tick = t_total + now - tick, now
-            if log is not None:
-                record = {"step": run.step, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, **metrics}
-                record |= {"nonfinite_skipped": run.nonfinite_total, "data_failures": loader.failures, "epoch": run.epoch}
-                log.step(record, tc, world, t_data, t_total)
-            if run.step % tc.save_every == 0:
-                save()
-    path = save()
-    if dist.is_initialized():  # the others wait for rank 0's last save before anyone tears the process group down
-        dist.barrier()
+                sched.step()
+                run.step += 1
+                now = time.perf_counter()
+                t_total, tick = t_total + now - tick, now
+                if log is not None:
+                    record = {"step": run.step, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, **metrics}
+                    record |= {"nonfinite_skipped": run.nonfinite_total, "data_failures": loader.failures, "epoch": run.epoch}
+                    log.step(record, tc, world, t_data, t_total)
+                if run.step % tc.save_every == 0:
+                    save()
+        path = save()
+        if dist.is_initialized():  # the others wait for rank 0's last save before anyone tears the process group down
+            dist.barrier()
     loader.close()  # DALI: free its prefetching threads now, not at garbage collection (DALILoader.close)
     summary: dict[str, Any] = {"steps": run.step, "checkpoint": str(path), "nonfinite_skipped": run.nonfinite_total}
     summary["data_failures"] = loader.failures  # samples replaced by another after failing to load (this process, this run)

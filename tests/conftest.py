@@ -21,10 +21,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _collect_garbage_after_each_test():
-    """Free unreachable DALI pipelines (reference cycles) after every test. Left to the garbage collector of whichever
-    process runs next, a pipeline is destroyed in a worker that a later test forks (prepare's pool, a DataLoader),
-    where DALI's threads do not exist and the destructor waits for them forever (seen as a hang in
-    test_data_prepare); and a fork while their prefetching threads hold a lock can deadlock the child."""
+    """Free unreachable DALI pipelines (reference cycles) after every test, in the process and at the time that made
+    them: their destructor waits for DALI's threads, and a pipeline freed late by a garbage collection in some other
+    test's code is a stall that is hard to place. (avmt's workers are spawned, so none of them inherits one.)"""
     yield
     gc.collect()
 

@@ -235,3 +235,39 @@ def test_persistent_workers_give_the_same_epochs_as_fresh_ones(webm):
         assert torch.equal(b1[0]["index"], a[1]["index"]) and torch.equal(b1[0]["video"], a[1]["video"])
         kept.close()
         assert kept._dl is None
+
+
+def _stuck_reader(path, indices, fps, **kwargs):
+    """A frame reader that never returns (a decoder stuck on a file); module-level, so a spawned worker imports it."""
+    import time
+
+    time.sleep(3600)
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_past_the_timeout_names_the_worker_and_its_file(webm):
+    from avmt.data.loader import LoaderError
+
+    cfg = dataclasses.replace(TEST_CFG, batch_timeout_s=4.0)
+    loader = CPULoader(webm, cfg, B, train=False, num_workers=1)
+    loader.dataset.frame_reader = _stuck_reader  # pickled into the worker with the dataset
+    with pytest.raises(LoaderError) as e:
+        next(iter(loader))
+    msg = str(e.value)
+    first = load_manifest(webm)[0]["path"]
+    assert "\n" not in msg and "data.batch_timeout_s=4 s" in msg, msg
+    assert "worker 0 (pid " in msg and f"reading {first} (manifest row 0) for " in msg, msg
+    loader.close()
+
+
+def test_workers_are_spawned_and_kept_across_epochs(webm):
+    loader = CPULoader(webm, TEST_CFG, B, train=True, num_workers=1)
+    loader.set_epoch(0)
+    list(loader)
+    workers = loader._dl._iterator._workers
+    assert [type(w._popen).__module__ for w in workers] == ["multiprocessing.popen_spawn_posix"]  # not forked
+    pids = [w.pid for w in workers]
+    loader.set_epoch(1)
+    list(loader)
+    assert [w.pid for w in loader._dl._iterator._workers] == pids  # the same processes: start-up paid once
+    loader.close()

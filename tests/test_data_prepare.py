@@ -134,12 +134,12 @@ def test_pool_workers_die_with_their_parent(tmp_path):
     import sys
     import time
 
-    parent = (
-        "import time, os\n"
-        "from concurrent.futures import ProcessPoolExecutor\n"
-        "from avmt.data.prepare import _die_with_parent\n"
-        "pool = ProcessPoolExecutor(1, initializer=_die_with_parent)\n"
-        "print(pool.submit(os.getpid).result(), flush=True)\n"
+    parent = (  # prepare's pool (avmt.workers.imap_bounded) with one worker busy for 10 minutes
+        "import multiprocessing, threading, time\n"
+        "from avmt.workers import imap_bounded\n"
+        "threading.Thread(target=lambda: list(imap_bounded(time.sleep, [600], 1)), daemon=True).start()\n"
+        "while not multiprocessing.active_children(): time.sleep(0.05)\n"
+        "print(multiprocessing.active_children()[0].pid, flush=True)\n"
         "time.sleep(600)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
@@ -168,7 +168,7 @@ def test_pool_workers_die_with_their_parent(tmp_path):
         ("v.mp4,a,nan,2\n", [], 2, "labels.csv:1: start,end must be finite"),
         ("v.mp4,a,x,2\n", [], 2, "labels.csv:1: start,end must be numbers"),
         ("v.mp4,a,b\n", [], 2, "labels.csv:1: expected path,label[,start,end], got 3 columns"),
-        ("v.mp4,a\n", ["--workers", "0"], 2, "--workers >= 1"),
+        ("v.mp4,a\n", ["--workers", "-1"], 2, "--workers >= 0"),
         ("v.mp4,a\n", ["--out", "{file}/out"], 1, "cannot write"),
     ],
 )

@@ -104,7 +104,8 @@ def test_a_transcode_past_the_time_limit_is_rejected_as_a_timeout(videos, tmp_pa
     import avmt.data.prepare as prep
 
     monkeypatch.setattr(prep, "transcode_video", lambda src, dst, settings: time.sleep(5))
-    s = prepare(scan_root(videos), tmp_path, SR, 2.0, progress=False, timeout_s=0.5, transcode=TranscodeSettings(32, 8))
+    # in this process (workers=0), where the monkeypatch applies and only the in-worker limit (SIGALRM) acts
+    s = prepare(scan_root(videos), tmp_path, SR, 2.0, workers=0, progress=False, timeout_s=0.5, transcode=TranscodeSettings(32, 8))
     assert s.reasons == {"timeout": 2}  # not "transcode": the time limit is not mistaken for a media error
     rejected = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
     assert all("took longer than 0.5 s" in r["detail"] for r in rejected)

@@ -397,3 +397,43 @@ def test_no_resume_sets_the_earlier_runs_checkpoints_aside(manifest, tmp_path, c
     assert latest_checkpoint(tmp_path).name == "step_000002" and (aside / "step_000004").is_dir()
     summary = train(cfg_for(manifest, tmp_path, "train.max_steps=3", "train.save_every=2"), progress=False)
     assert summary["steps"] == 3 and [r["step"] for r in records(tmp_path)] == [1, 2, 3]  # the new run, continued
+
+
+STUCK_RUN = """
+import sys, time
+import avmt.data.loader_cpu as lc
+from avmt.train import main
+def stuck_on_row(self, i, rng, out=None):
+    time.sleep(3600)  # a decode that never returns
+lc.SequenceDataset.load = stuck_on_row
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_stuck_run_writes_its_stacks_and_exits_with_its_checkpoint_intact(manifest, tmp_path):
+    from avmt.checkpoint import find_checkpoint
+    from avmt.watchdog import EXIT_CODE
+
+    train(cfg_for(manifest, tmp_path, "train.max_steps=4"), progress=False, stop_at=2)
+    args = [f"data.manifest={manifest}", "data.num_workers=0", f"train.run_dir={tmp_path}", "train.batch_size=4"]
+    args += ["train.warmup_steps=2", "train.log_every=2", "train.max_steps=4", "train.watchdog_s=3", "--quiet"]
+    t0 = __import__("time").monotonic()
+    proc = subprocess.run([sys.executable, "-c", STUCK_RUN, *args], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == EXIT_CODE, proc.stderr[-2000:]
+    assert __import__("time").monotonic() - t0 < 120
+    line = proc.stderr.strip().splitlines()[-1]
+    stacks = tmp_path / "hang-stacks-rank0.txt"
+    assert line.startswith("avmt.train: error: no training step completed") and str(stacks) in line, proc.stderr[-2000:]
+    text = stacks.read_text()
+    assert "stuck_on_row" in text and "Thread" in text  # every thread's stack, the stuck one included
+    found = find_checkpoint(tmp_path)
+    assert found.path.name == "step_000002" and not found.skipped  # intact, and the run resumes from it
+    assert train(cfg_for(manifest, tmp_path, "train.max_steps=4"), progress=False)["steps"] == 4
+
+
+def test_watchdog_settings_are_checked():
+    with pytest.raises(Exception, match="train.watchdog_s"):
+        load_config("tiny", overrides=["train.watchdog_s=nan"])
+    with pytest.raises(Exception, match="data.batch_timeout_s"):
+        load_config("tiny", overrides=["data.batch_timeout_s=-1"])

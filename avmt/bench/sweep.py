@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from avmt.config import Config, config_from_dict, parse_override
+from avmt.workers import context
 
 GIB = 1024**3
 
@@ -150,7 +151,6 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Runs every point not yet in ``doc["results"]`` (``jobs`` processes), calling ``save(doc)`` after each."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
 
     from tqdm import tqdm
 
@@ -165,7 +165,7 @@ def run_sweep(
                         todo[key] = (point_config(base, t, v, p, s), {"clips": t, "variant": v, "precision": p, "scheme": s})
     # the slowest points (long T, recompute in small chunks) first, so that the pool ends evenly
     order = sorted(todo, key=lambda k: (-todo[k][1]["clips"], todo[k][1]["variant"] != "cnn_checkpoint"))
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context()) as pool:
         futures = {pool.submit(run_point, todo[k][0], batch): k for k in order}
         for fut in tqdm(as_completed(futures), total=len(futures), desc="peak sweep", unit="point"):
             key = futures[fut]

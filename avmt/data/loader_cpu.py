@@ -24,7 +24,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from avmt.data.loader import LoaderError
 from avmt.data.manifest import MODALITIES, load_manifest
 from avmt.data.media import read_frames
 from avmt.data.sample import SampleError, load_audio_clips, load_with_retries, plan_sample
+from avmt.workers import context
 
 log = logging.getLogger("avmt.data")
 
@@ -61,7 +64,8 @@ class SequenceDataset(torch.utils.data.Dataset):
     choice)."""
 
     # (path, frame indices [T, F], fps, height=, width=, box=, threads=, out=) -> out, the frames written into it as
-    # [T, F, box h, box w, 3] uint8 (read_frames' contract); the loader benchmark swaps it
+    # [T, F, box h, box w, 3] uint8 (read_frames' contract); the loader benchmark swaps it (a module-level function:
+    # spawned workers import it by name)
     frame_reader = staticmethod(read_frames)
 
     def __init__(
@@ -80,6 +84,11 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.modalities, self.view = tuple(modalities), view
         self.decode_threads = decode_threads  # None: 1 in a DataLoader worker (one per core), FFmpeg's choice otherwise
         self.epoch = 0
+        # the class's reader when the dataset is made, kept on the instance: it is pickled into spawned workers with the
+        # dataset (a class attribute changed later would not reach them)
+        self.frame_reader = type(self).frame_reader
+        # set by CPULoader for its workers: row [worker id] = (manifest row being loaded or -1, since when in ms, pid)
+        self.busy: Tensor | None = None
         self.mel = MelSpec.for_clip(cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.mel_frames)
         self.fbank = mel_filter_bank(self.mel.n_fft, cfg.sample_rate, cfg.n_mels)
 
@@ -104,6 +113,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         slots: the frames are written there as they are decoded), allocated when None. Returns them with ``label``
         and ``index``."""
         rec = self.records[i]
+        worker = torch.utils.data.get_worker_info()
+        if self.busy is not None and worker is not None:  # for the loader's timeout message: who reads what, since when
+            self.busy[worker.id] = torch.tensor([i, int(time.time() * 1000), os.getpid()])
         seq, crop = plan_sample(rec, self.cfg, self.train, rng, self.view)
         if out is None:
             out = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in self.shapes().items()}
@@ -130,6 +142,8 @@ class SequenceDataset(torch.utils.data.Dataset):
                 audio = spec_augment(audio, self.cfg.spec_mask_rate, gen)
             out["audio"][:, 0] = audio
         label = torch.tensor(rec["label_index"], dtype=torch.int64)
+        if self.busy is not None and worker is not None:
+            self.busy[worker.id, 0] = -1
         return {**out, "label": label, "index": torch.tensor(i, dtype=torch.int64)}
 
     def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
@@ -193,8 +207,12 @@ class CPULoader:
 
     ``shard_id``/``num_shards`` split each epoch between DDP ranks (:func:`avmt.data.clips.shard_indices`).
     ``failures`` is the running count of replaced samples seen by this loader. ``pin_memory`` (set by
-    :func:`avmt.data.loader.build_loader` for a CUDA device) gives page-locked batches and keeps the worker
-    processes alive across epochs (they are not restarted each epoch); :meth:`close` ends them.
+    :func:`avmt.data.loader.build_loader` for a CUDA device) gives page-locked batches.
+
+    The workers are spawned (:func:`avmt.workers.context`: nothing of this process's FFmpeg or thread state is
+    inherited), once: they live across epochs until :meth:`close`. A batch that takes longer than
+    ``cfg.batch_timeout_s`` raises :class:`LoaderError` naming each busy worker, the file it is reading and for how
+    long.
     """
 
     def __init__(
@@ -216,7 +234,10 @@ class CPULoader:
         self.dataset = SequenceDataset(manifest, cfg, train, seed, max_retries, modalities=modalities, view=view)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.num_workers, self.shard_id, self.num_shards, self.drop_last = num_workers, shard_id, num_shards, drop_last
-        self.pin_memory, self.persistent = pin_memory, pin_memory and num_workers > 0
+        self.pin_memory, self.persistent = pin_memory, num_workers > 0  # spawned workers cost seconds: kept across epochs
+        self.timeout_s = cfg.batch_timeout_s if num_workers > 0 else 0.0
+        if num_workers > 0:
+            self.dataset.busy = torch.full((num_workers, 3), -1, dtype=torch.int64).share_memory_()
         self.epoch = 0
         self.failures = 0
         self._sampler = _KeySampler()
@@ -255,6 +276,8 @@ class CPULoader:
                 collate_fn=_as_batch,
                 pin_memory=self.pin_memory,
                 prefetch_factor=2 if self.num_workers else None,
+                multiprocessing_context=context() if self.num_workers else None,
+                timeout=self.timeout_s,
                 # own generator: a DataLoader draws its base seed from the global RNG otherwise, which would shift the
                 # model's dropout stream and break exact resumption (per-sample randomness comes from sample_rng)
                 generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch),
@@ -265,6 +288,26 @@ class CPULoader:
         except SampleError as e:  # from a worker, its message wrapped in the worker's traceback: keep the reason
             reason = re.sub(r"^[\w.]*SampleError: ", "", str(e).strip().splitlines()[-1])
             raise LoaderError(f"data loading stopped: {reason}") from None
+        except RuntimeError as e:
+            if self.timeout_s <= 0 or "DataLoader timed out" not in str(e):
+                raise
+            raise LoaderError(f"data loading stopped: {self.stuck()}") from None
+
+    def stuck(self) -> str:
+        """What the workers are doing, for the message of a batch that did not come within ``data.batch_timeout_s``."""
+        now = int(time.time() * 1000)
+        busy = self.dataset.busy
+        rows = [] if busy is None else [(w, *map(int, busy[w])) for w in range(len(busy)) if int(busy[w, 0]) >= 0]
+        head = f"no batch came within data.batch_timeout_s={self.timeout_s:g} s"
+        if not rows:
+            return f"{head}, and no worker is reading a file (they are starting up, or stuck outside decoding)"
+        rows.sort(key=lambda r: r[2])  # the longest-busy worker first: the one the batch waits for
+        said = [
+            f"worker {w} (pid {pid}) has been reading {self.dataset.records[row]['path']} (manifest row {row}) for "
+            f"{(now - since) / 1000:.0f} s"
+            for w, row, since, pid in rows
+        ]
+        return f"{head}: {'; '.join(said)}"
 
     def _count_failures(self, dl: Any) -> Iterator[dict[str, Any]]:
         for batch in dl:

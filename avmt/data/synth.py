@@ -23,12 +23,13 @@ import argparse
 import csv
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from avmt.workers import WorkerDied, imap_bounded
 
 # Bumped whenever render() changes what it draws, so caches of older datasets are not reused.
 SYNTH_VERSION = 3
@@ -226,11 +227,12 @@ def generate(out: str | Path, count: int, spec: SynthSpec, workers: int = 1, pro
     todo = [j for j in jobs if not Path(j[2]).exists()]
     done = [{"path": j[2], "label": j[1], "class_name": class_name(j[1]), "index": j[0]} for j in jobs if Path(j[2]).exists()]
     bar = tqdm(total=len(jobs), initial=len(done), desc="synth", unit="video", disable=not progress)
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for rec in pool.map(_make_one, todo):
-                records.append(rec)
-                bar.update()
+    if workers > 1 and len(todo) > 1:  # spawned workers (avmt.workers): nothing of this process's FFmpeg state is inherited
+        for _, rec in imap_bounded(_make_one, todo, workers):
+            if isinstance(rec, WorkerDied):
+                raise RuntimeError(f"synth: {rec.describe()} while writing a video")
+            records.append(rec)
+            bar.update()
     else:
         for j in todo:
             records.append(_make_one(j))
