@@ -140,9 +140,12 @@ def read_frames(
     ``out``: a writable uint8 array of that shape, any strides (a view into a batch, transposed or flipped), that the
     frames are written into as they are converted and that is returned; without it one is allocated.
 
-    Only the needed parts are decoded: the decoder seeks to the keyframe before each group of wanted frames
-    and skips forward when the next wanted frame is less than ``seek_gap_seconds`` ahead. A frame's index is
-    ``round((pts - start_time) * time_base * fps)``. Indices past the last decodable frame repeat the last one.
+    Frames are placed by their timestamps on a grid at ``fps`` (the record's ``fps``): index ``k`` is the frame on
+    screen at ``k / fps`` seconds after the stream's first frame, i.e. the newest frame whose
+    ``(pts - start_time) * time_base`` is at or before it. For a constant-rate file that is frame ``k`` itself; where
+    frames were dropped, or the rate varies, it is the frame still shown. Indices past the last frame repeat it.
+    Only the needed parts are decoded: the decoder seeks to the keyframe before each group of wanted frames and
+    skips forward when the next wanted frame is less than ``seek_gap_seconds`` ahead.
     """
     import av
 
@@ -162,7 +165,6 @@ def read_frames(
         for slot in slots[k]:
             out[slot] = img
 
-    last: np.ndarray | None = None
     with av.open(str(path)) as container:
         vs = container.streams.video[0]
         vs.thread_count = threads
@@ -172,36 +174,38 @@ def read_frames(
         tbf = float(tb)
         start = vs.start_time or 0
         pos = 0  # next position in ``order`` to fill
+        shown: list[Any] = [None, None]  # the newest frame decoded so far and its RGB image (converted when first needed)
+
+        def image() -> np.ndarray:
+            if shown[1] is None:
+                shown[1] = convert(shown[0])
+            return shown[1]
+
         while pos < len(order):
-            target = int(order[pos])
-            container.seek(start + int(target / fps / tb), stream=vs, backward=True, any_frame=False)
-            reseek = False
+            container.seek(start + int(int(order[pos]) / fps / tb), stream=vs, backward=True, any_frame=False)
+            placed = reseek = False
             for frame in container.decode(vs):
                 if frame.pts is None:
                     continue
-                idx = int(round((frame.pts - start) * tbf * fps))
-                if idx < target and (target - idx) / fps > seek_gap_seconds + 1.0:
-                    continue  # landed far before the target (sparse keyframes): keep decoding forward
-                if idx < order[pos]:
-                    continue
-                img = None
-                while pos < len(order) and order[pos] <= idx:
-                    if img is None:
-                        img = convert(frame)
-                    put(pos, img)
-                    pos += 1
-                last = img if img is not None else last
+                slot = (frame.pts - start) * tbf * fps  # where this frame starts on the grid
+                # every wanted slot before it shows the newest frame before it (or this one, if it is the first)
+                while pos < len(order) and order[pos] < slot - 1e-3:
+                    if shown[0] is None:
+                        shown[0] = frame
+                    put(pos, image())
+                    pos, placed = pos + 1, True
+                shown[0], shown[1] = frame, None
                 if pos >= len(order):
                     break
-                if (order[pos] - idx) / fps > seek_gap_seconds:
-                    reseek = True  # far ahead: a seek is cheaper than decoding the gap
+                if placed and (order[pos] - slot) / fps > seek_gap_seconds:
+                    reseek = True  # far ahead: a seek is cheaper than decoding the gap (never right after a seek)
                     break
             if not reseek:
                 break  # end of stream
-        if last is None:
+        if shown[0] is None:
             raise MediaError("undecodable", f"no frame could be decoded from {path}")
         for k in range(pos, len(order)):
-            put(k, last)  # past the last decodable frame
+            put(k, image())  # at or past the last frame: it stays on screen
     return out
 
 
@@ -260,6 +264,25 @@ def read_audio(path: str | Path, start: int, length: int) -> np.ndarray:
     return out
 
 
+# The share of a file's duration that repairs may cover before the file is refused as out_of_sync (prepare --max-repair).
+MAX_REPAIR = 0.25
+
+
+def _check_repairs(sync: dict[str, Any], seconds: float, max_repair: float) -> None:
+    """Raise ``out_of_sync`` when the silence that had to be put in (audio starting late, gaps, ending early) or the
+    audio dropped as overlapping (timestamps going back) exceeds ``max_repair`` of ``seconds``: such a file's sound
+    and picture cannot be trusted to go together."""
+    silence = max(0.0, sync.get("audio_start_s", 0.0)) + sync["audio_gap_s"] + sync.get("audio_end_pad_s", 0.0)
+    for what, amount in (("silence put in for missing audio", silence), ("audio dropped as overlapping", sync["audio_overlap_s"])):
+        if amount > max_repair * seconds:
+            raise MediaError(
+                "out_of_sync",
+                f"{what}: {amount:.2f} s of {seconds:.2f} s, more than --max-repair {max_repair:g} of it "
+                f"(audio starts at {sync.get('audio_start_s', 0.0):+.3f} s, {sync['audio_gaps']} gap(s) of {sync['audio_gap_s']:.3f} s, "
+                f"{sync['audio_overlap_s']:.3f} s overlapping)",
+            )
+
+
 SIGNATURES = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba")
 
 
@@ -269,14 +292,18 @@ def probe_and_extract(
     min_seconds: float,
     need: tuple[str, ...] = ("video", "audio"),
     optional: tuple[str, ...] = (),
+    max_repair: float = MAX_REPAIR,
 ) -> tuple[dict, np.ndarray | None]:
     """Check that ``path`` is a usable media file with the streams ``need`` (``video``, ``audio``; ``optional`` ones
     are used when present) and return (metadata, mono audio at ``sample_rate``, or None without audio).
 
     Raises :class:`MediaError` with reason ``empty``, ``unreadable``, ``not_a_video``, ``truncated``,
-    ``no_audio``, ``undecodable`` or ``too_short``. The audio of a video is aligned so that sample 0 is at the video
-    stream's first timestamp (leading gap zero-padded, earlier samples dropped). ``meta["modalities"]`` lists the
-    streams kept, in the order video, audio; ``duration`` is the shortest of them.
+    ``no_audio``, ``undecodable``, ``too_short`` or ``out_of_sync``. Audio is placed by its timestamps
+    (:func:`_extract_audio`): with a video, sample 0 is the sound at the video stream's first frame, and the side-car
+    covers the whole video (an audio stream that ends early is padded with silence). ``meta["sync"]`` records what
+    was repaired (docs/data.md, "Time"); a file whose repairs exceed ``max_repair`` of its duration is refused as
+    ``out_of_sync`` (:func:`_check_repairs`). ``meta["modalities"]`` lists the streams kept, in the order video,
+    audio; ``duration`` is the shortest of them.
     """
     import av
 
@@ -316,17 +343,25 @@ def probe_and_extract(
             vstart_s = float((vs.start_time or 0) * vs.time_base)
         audio = None
         if use_audio:
-            try:
-                audio, first_pts, ameta = _extract_audio(container, sample_rate)
+            try:  # placed by its timestamps, sample 0 at the video's first frame (audio alone: its own first sample)
+                audio, ameta = _extract_audio(container, sample_rate, vstart_s if use_video else None)
             except MediaError as e:
                 if "audio" in need:
                     raise
                 use_audio, meta["audio_skipped"] = False, e.detail  # optional and unusable: kept without it, noted
         if use_audio:
-            if use_video:  # align: sample 0 at the video's first timestamp
-                shift = int(round(((first_pts or 0.0) - vstart_s) * sample_rate))
-                audio = np.concatenate([np.zeros(shift, np.float32), audio]) if shift > 0 else audio[-shift:]
-            meta |= ameta | {"audio_seconds": round(len(audio) / sample_rate, 6), "audio_samples": len(audio)}
+            sync = ameta.pop("sync")
+            if use_video:  # the side-car covers the whole video: an audio stream that ends early is padded with silence
+                want = int(round(meta["video_seconds"] * sample_rate))
+                sync["audio_end_pad_s"] = round(max(0, want - len(audio)) / sample_rate, 6)
+                if len(audio) < want:
+                    audio = np.concatenate([audio, np.zeros(want - len(audio), np.float32)])
+                sync["video_start_s"] = round(vstart_s, 6)
+                sync |= meta.pop("video_sync")
+            meta |= ameta | {"audio_seconds": round(len(audio) / sample_rate, 6), "audio_samples": len(audio), "sync": sync}
+            _check_repairs(sync, meta.get("video_seconds", meta["audio_seconds"]), max_repair)
+        elif use_video:
+            meta["sync"] = {"video_start_s": round(vstart_s, 6)} | meta.pop("video_sync")
         seconds = [meta[k] for k in ("video_seconds", "audio_seconds") if k in meta]
         duration = min(seconds)
         if duration < min_seconds:
@@ -341,20 +376,28 @@ def _probe_video(container: Any, cdur: float | None) -> dict[str, Any]:
     import av
 
     vs = container.streams.video[0]
+    # The grid's rate: the stream's base rate (FFmpeg's guess of the rate all timestamps fall on) when it is at least the
+    # average, which frames dropped from a constant-rate file pull down; the average when the guess is far finer (a
+    # rate of thousands from a time base: a grid that fine gains nothing).
     rate = vs.average_rate or vs.guessed_rate
     if not rate:
         raise MediaError("undecodable", "video stream has no frame rate")
+    if vs.guessed_rate and rate <= vs.guessed_rate <= 4 * rate:
+        rate = vs.guessed_rate
     fps = float(rate)
-    n_packets, last_end = 0, 0.0
+    times: list[float] = []  # each frame's time from the stream's first one, in seconds
+    last_end = 0.0
     vstart = vs.start_time or 0
     try:
         for pkt in container.demux(vs):
             if pkt.size == 0 or pkt.pts is None:
                 continue
-            n_packets += 1
-            last_end = max(last_end, float((pkt.pts - vstart + (pkt.duration or 0)) * vs.time_base))
+            t = float((pkt.pts - vstart) * vs.time_base)
+            times.append(t)
+            last_end = max(last_end, t + (float(pkt.duration * vs.time_base) if pkt.duration else 1.0 / fps))
     except av.FFmpegError as e:
         raise MediaError("truncated", f"demuxing stopped at {last_end:.2f} s: {e}") from None
+    n_packets = len(times)
     # Lenient on purpose: container durations often include a longer audio track. A file cut near its
     # end passes and is kept with the duration of the packets it really has.
     declared = _stream_seconds(vs, cdur)
@@ -373,37 +416,92 @@ def _probe_video(container: Any, cdur: float | None) -> dict[str, Any]:
     if ok == 0:
         raise MediaError("undecodable", f"video codec {vs.codec_context.name!r}: no frame decoded")
     container.seek(0)
+    # The frame grid at ``fps`` (what the clip plan indexes): slot k shows the newest frame at or before k / fps. Slots
+    # without a frame of their own (dropped frames, a variable rate) show the one before; frames that share a slot
+    # with a later one are never shown on the grid.
+    num_frames = max(1, int(round(last_end * fps)))
+    slots = len({int(np.floor(t * fps + 1e-3)) for t in times})
+    video_sync = {"video_frames": n_packets, "video_missing_frames": max(0, num_frames - slots), "video_unshown_frames": n_packets - slots}
     return {
-        "video_seconds": round(n_packets / fps, 6),
+        "video_seconds": round(last_end, 6),
         "fps": fps,
-        "num_frames": n_packets,
+        "num_frames": num_frames,
+        "video_sync": video_sync,
         "width": vs.codec_context.width,
         "height": vs.codec_context.height,
         "video_codec": vs.codec_context.name,
     }
 
 
-def _extract_audio(container: Any, sample_rate: int) -> tuple[np.ndarray, float | None, dict[str, Any]]:
-    """(mono float32 samples at ``sample_rate``, the first frame's time in seconds, the audio fields of the record)."""
+# Audio frames whose timestamp is further than this from where the samples before them end start a new segment: a
+# gap (filled with silence) or an overlap (trimmed). Below it, timestamps are taken to be jitter and the samples run on
+# (a drift smaller than this is corrected at the next discontinuity, so it never accumulates past it).
+AUDIO_SYNC_TOLERANCE_S = 0.010
+
+
+def _extract_audio(container: Any, sample_rate: int, t0: float | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The audio stream as mono float32 at ``sample_rate``, placed by its timestamps: sample ``j`` is the sound at
+    time ``t0 + j / sample_rate`` (``t0`` in seconds; None: the stream's own first timestamp). Returns it with the
+    audio fields of the record and the repairs (see :func:`probe_and_extract`).
+
+    The decoded frames are cut into segments wherever a frame's timestamp is more than
+    :data:`AUDIO_SYNC_TOLERANCE_S` from the end of the samples before it; each segment is resampled on its own and
+    written where its first timestamp says: a gap between segments is silence, a segment that starts before the end of
+    what is written loses its overlapping head, samples before ``t0`` are dropped, and a stream that starts after
+    ``t0`` is preceded by silence. Within a segment the position follows the sample count, so resampling cannot drift."""
     import av
 
     ast = container.streams.audio[0]
-    container.seek(0)
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-    chunks, first_pts = [], None
+    # from the audio's own first packet: a seek on the video stream would land on its first keyframe and lose the
+    # audio before it (a stream that starts before the video, as a muxer that shifts timestamps to >= 0 writes it)
+    container.seek(ast.start_time or 0, stream=ast, backward=True, any_frame=True)
+    segments: list[tuple[float, np.ndarray]] = []  # (start in seconds, resampled samples)
+    resampler, seg_start, seg_seconds, chunks = None, 0.0, 0.0, []
+
+    def close_segment() -> None:
+        if resampler is not None:
+            for r in resampler.resample(None):
+                chunks.append(r.to_ndarray().reshape(-1))
+            if chunks:
+                segments.append((seg_start, np.concatenate(chunks).astype(np.float32)))
+
     try:
         for fr in container.decode(ast):
-            if first_pts is None and fr.pts is not None:
-                first_pts = float(fr.pts * fr.time_base)
+            t = float(fr.pts * fr.time_base) if fr.pts is not None else None
+            if resampler is not None and t is not None and abs(t - (seg_start + seg_seconds)) > AUDIO_SYNC_TOLERANCE_S:
+                close_segment()
+                resampler = None
+            if resampler is None:
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+                seg_start, seg_seconds, chunks = (t if t is not None else (segments[-1][0] if segments else 0.0)), 0.0, []
             for r in resampler.resample(fr):
                 chunks.append(r.to_ndarray().reshape(-1))
-        for r in resampler.resample(None):
-            chunks.append(r.to_ndarray().reshape(-1))
+            seg_seconds += fr.samples / fr.sample_rate
+        close_segment()
     except av.FFmpegError as e:
         raise MediaError("undecodable", f"audio codec {ast.codec_context.name!r}: {e}") from None
-    audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    if audio.size == 0:
+    if not segments:
         raise MediaError("undecodable", f"audio codec {ast.codec_context.name!r}: no samples decoded")
+    t0 = segments[0][0] if t0 is None else t0
+    placed: list[tuple[int, np.ndarray]] = []
+    end = gaps = gap = overlap = lead = 0  # in samples: the end of what is placed so far, and the repairs
+    for n, (start_s, data) in enumerate(segments):
+        at = int(round((start_s - t0) * sample_rate))
+        if n == 0:
+            lead = min(len(data), max(0, -at))  # before the video's first frame: not in the side-car
+        elif at > end:
+            gaps, gap = gaps + 1, gap + at - end
+        else:
+            overlap += min(len(data), end - at)
+        cut = max(0, -at, end - at)  # the head before t0, or over what is already placed
+        if cut < len(data):
+            placed.append((at + cut, data[cut:]))
+            end = at + len(data)
+    length = max((a + len(d) for a, d in placed), default=0)
+    audio = np.zeros(length, np.float32)
+    for a, d in placed:
+        audio[a : a + len(d)] = d
+    first = segments[0][0] - t0
     meta = {
         "audio_codec": ast.codec_context.name,
         "audio_streams": len(container.streams.audio),
@@ -411,4 +509,11 @@ def _extract_audio(container: Any, sample_rate: int) -> tuple[np.ndarray, float 
         "source_channels": ast.codec_context.channels,
         "sample_rate": sample_rate,
     }
-    return audio, first_pts, meta
+    sync = {
+        "audio_start_s": round(first, 6),  # > 0: the audio starts after the video (silence before it); < 0: before it (dropped)
+        "audio_gaps": gaps,
+        "audio_gap_s": round(gap / sample_rate, 6),
+        "audio_overlap_s": round(overlap / sample_rate, 6),
+        "audio_dropped_before_start_s": round(lead / sample_rate, 6),
+    }
+    return audio, meta | {"sync": sync}

@@ -17,7 +17,7 @@ Outputs in ``OUT``: ``manifest.jsonl`` (one JSON object per kept file: ``id``, `
 of the usable span and the probe metadata from :func:`avmt.data.media.probe_and_extract`), ``rejected.jsonl``
 (``path``, ``label``, ``reason``, ``detail``) and ``labels.json`` (label -> index, sorted names). Every input
 ends in exactly one of the two files. Reasons: ``empty``, ``unreadable``, ``not_a_video``, ``truncated``,
-``no_audio``, ``undecodable``, ``too_short``, ``no_label``, ``bad_span``, ``not_regular_file``, ``timeout``,
+``no_audio``, ``undecodable``, ``too_short``, ``out_of_sync``, ``no_label``, ``bad_span``, ``not_regular_file``, ``timeout``,
 ``transcode``, ``error`` (anything unexpected).
 
 ``--transcode [--short-side N] [--fps F] [--crf Q] [--preset P]``: also re-encode every kept video once into ``OUT/video/``
@@ -47,13 +47,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avmt.data.media import MediaError, is_disk_full, probe_and_extract, write_pcm
+from avmt.data.media import MAX_REPAIR, MediaError, is_disk_full, probe_and_extract, write_pcm
 from avmt.data.transcode import TranscodeSettings, transcode_video
+from avmt.workers import TaskTimeout, WorkerDied, imap_bounded
 
 REASONS = (
     "empty",
@@ -63,6 +63,7 @@ REASONS = (
     "no_audio",
     "undecodable",
     "too_short",
+    "out_of_sync",
     "no_label",
     "bad_span",
     "not_regular_file",
@@ -103,6 +104,9 @@ class Summary:
     video_hours: float = 0.0
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    # over every kept record: how many had their timeline repaired, and each repair's total (see docs/data.md, "Time")
+    repaired: int = 0
+    repairs: dict[str, float] = field(default_factory=dict)
 
 
 def scan_root(root: str | Path) -> list[Item]:
@@ -195,28 +199,42 @@ def _time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _die_with_parent() -> None:
-    """Pool worker initializer: the kernel kills this worker when the parent dies (a killed prepare used to leave
-    its workers running for about a minute)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]) -> dict:
-    """Probe one file, write its audio side-car (and its transcoded video); returns a kept record (``reason`` None) or a
-    rejected one."""
-    item, out, sample_rate, min_seconds, timeout_s, transcode = args
+def _base(item: Item) -> dict:
+    """The fields every record of ``item`` starts with (what a re-run compares to decide whether it is done)."""
     st = _stat(item.path)
-    base = {
+    return {
         "path": item.path,
         "label": item.label,
         "span": [item.start, item.end],
         "size": st[0] if st else None,
         "mtime_ns": st[1] if st else None,
     } | item.fields
+
+
+def _stopped(item: Item, out: Path, outcome: TaskTimeout | WorkerDied, limit: float) -> dict:
+    """The rejected record of a file whose worker was stopped at the wall-clock limit or died, its partial outputs
+    removed (the worker could not clean up)."""
+    key = _file_key(item.path)
+    for part in (out / "audio" / f"{key}.part.npy", out / "video" / f"{key}.mp4.part.mp4"):
+        part.unlink(missing_ok=True)
+    if isinstance(outcome, TaskTimeout):
+        why = f"still running after {limit:.3g} s of wall-clock time (--probe-timeout); its worker was stopped and replaced"
+        return _base(item) | {"reason": "timeout", "detail": why}
+    return _base(item) | {"reason": "error", "detail": f"{outcome.describe()} while processing this file; it was replaced"}
+
+
+def wall_clock_limit(timeout_s: float, transcode: bool) -> float | None:
+    """The wall-clock bound of one file in a worker (None for ``timeout_s`` 0): its steps' limits (probe and audio,
+    then the transcode) and a margin, past which the worker is killed. Inside the worker each step is bounded by
+    SIGALRM, which cannot interrupt a decoder blocked in C code: this bound can."""
+    return (2 if transcode else 1) * timeout_s * 1.1 + 1.0 if timeout_s > 0 else None
+
+
+def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None, float]) -> dict:
+    """Probe one file, write its audio side-car (and its transcoded video); returns a kept record (``reason`` None) or a
+    rejected one."""
+    item, out, sample_rate, min_seconds, timeout_s, transcode, max_repair = args
+    base = _base(item) | {"max_repair": max_repair}
     if item.label is None:
         return base | {"reason": "no_label", "detail": "file is not inside a class folder and has no CSV label"}
     why = _not_regular(item.path)
@@ -224,7 +242,7 @@ def _process(args: tuple[Item, str, int, float, float, TranscodeSettings | None]
         return base | {"reason": "not_regular_file", "detail": why}
     try:
         with _time_limit(timeout_s):
-            meta, audio = probe_and_extract(item.path, sample_rate, min_seconds, item.need, item.optional)
+            meta, audio = probe_and_extract(item.path, sample_rate, min_seconds, item.need, item.optional, max_repair)
         start = item.start or 0.0
         end = min(item.end, meta["duration"]) if item.end is not None else meta["duration"]
         if not 0 <= start < end or end - start < min_seconds:
@@ -291,10 +309,13 @@ def prepare(
     progress: bool = True,
     timeout_s: float = 300.0,
     transcode: TranscodeSettings | None = None,
+    max_repair: float = MAX_REPAIR,
 ) -> Summary:
-    """Process ``items`` into ``out`` (see the module docstring); returns the counts of this run. ``timeout_s``
-    bounds each file's probe, audio extraction and transcode (0: no bound). Paths are recorded absolute, so the
-    manifest works from any folder. ``transcode``: also re-encode every kept video into ``out/video/``
+    """Process ``items`` into ``out`` (see the module docstring); returns the counts of this run. ``workers``: worker
+    processes (:func:`avmt.workers.imap_bounded`; 0: in this process, where a decoder stuck in C code cannot be
+    stopped). ``timeout_s`` bounds each file's probe and audio extraction, and its transcode (0: no bound); in a
+    worker, a file still running at :func:`wall_clock_limit` is rejected as ``timeout`` and its worker replaced.
+    Paths are recorded absolute, so the manifest works from any folder. ``transcode``: also re-encode every kept video into ``out/video/``
     (:mod:`avmt.data.transcode`); the record's ``path`` is then the transcoded file, ``source`` the original's path,
     size and video fields, ``transcode`` the settings (a re-run with other settings redoes the file)."""
     from tqdm import tqdm
@@ -322,6 +343,7 @@ def prepare(
             and rec.get("size") == st[0]
             and rec.get("mtime_ns") == st[1]
             and rec.get("span") == [it.start, it.end]
+            and rec.get("max_repair") == max_repair  # records from before timelines were repaired have none: redone
             and all(rec.get(k) == v for k, v in it.fields.items())
             and (rec.get("audio") is None or rec.get("sample_rate") == sample_rate)  # another --sample-rate: redo
             and (
@@ -338,7 +360,7 @@ def prepare(
         else:
             todo.append(it)
     summary.skipped = len(done)
-    jobs = [(it, str(out), sample_rate, min_seconds, timeout_s, transcode) for it in todo]
+    jobs = [(it, str(out), sample_rate, min_seconds, timeout_s, transcode, max_repair) for it in todo]
     if transcode is not None:
         (out / "video").mkdir(exist_ok=True)
     bar = tqdm(total=len(items), initial=len(done), desc="prepare", unit="file", disable=not progress)
@@ -352,13 +374,12 @@ def prepare(
             bar.update()
 
         try:
-            if workers > 1 and len(jobs) > 1:
-                pool = ProcessPoolExecutor(workers, initializer=_die_with_parent)
-                try:
-                    for rec in pool.map(_process, jobs, chunksize=1):
-                        record(rec)
-                finally:  # on an error, drop the queued files instead of processing them all first
-                    pool.shutdown(wait=True, cancel_futures=True)
+            if workers > 0:  # worker processes, each file bounded in wall-clock time (avmt.workers)
+                limit = wall_clock_limit(timeout_s, transcode is not None)
+                for n, rec in imap_bounded(_process, jobs, workers, limit):
+                    if isinstance(rec, (TaskTimeout, WorkerDied)):
+                        rec = _stopped(todo[n], out, rec, limit or 0.0) | {"max_repair": max_repair}
+                    record(rec)
             else:
                 for j in jobs:
                     record(_process(j))
@@ -392,6 +413,11 @@ def prepare(
     summary.kept, summary.rejected = len(kept), len(rejected)
     for r in rejected:
         summary.reasons[r.get("reason")] = summary.reasons.get(r.get("reason"), 0) + 1
+    for r in kept:
+        fixes = repairs_of(r)
+        summary.repaired += bool(fixes)
+        for k, v in fixes.items():
+            summary.repairs[k] = summary.repairs.get(k, 0.0) + v
     transcoded = [r for r in kept if r.get("transcode")]
     if transcoded:
         summary.source_bytes = sum(r["source"]["size"] or 0 for r in transcoded)
@@ -399,6 +425,28 @@ def prepare(
         summary.transcode_seconds = sum(r.get("transcode_seconds", 0.0) for r in transcoded)
         summary.video_hours = sum(r["source"]["num_frames"] / r["source"]["fps"] for r in transcoded) / 3600
     return summary
+
+
+# Start and end offsets up to this are not reported as repairs: encoders' priming and frame sizes (an Opus or AAC frame)
+_START_TOLERANCE_S = 0.050
+
+
+def repairs_of(rec: dict) -> dict[str, float]:
+    """The timeline repairs of one record, those that are not zero: seconds of audio silence put in before the audio
+    started, in gaps and after it ended, audio dropped as overlapping, and video grid slots without a frame of their
+    own (dropped frames, a variable rate) or frames never shown on the grid."""
+    sync = rec.get("sync") or {}
+    start = sync.get("audio_start_s", 0.0)
+    fixes = {
+        "audio_late_start_s": start if start > _START_TOLERANCE_S else 0.0,
+        "audio_gap_s": sync.get("audio_gap_s", 0.0),
+        "audio_end_pad_s": sync.get("audio_end_pad_s", 0.0) if sync.get("audio_end_pad_s", 0.0) > _START_TOLERANCE_S else 0.0,
+        "audio_overlap_s": sync.get("audio_overlap_s", 0.0),
+        "audio_before_video_s": sync.get("audio_dropped_before_start_s", 0.0) if -start > _START_TOLERANCE_S else 0.0,
+        "video_missing_frames": float(sync.get("video_missing_frames", 0)),
+        "video_unshown_frames": float(sync.get("video_unshown_frames", 0)),
+    }
+    return {k: v for k, v in fixes.items() if v}
 
 
 def _modalities(rec: dict) -> list[str]:
@@ -426,8 +474,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sample-rate", type=int, default=44100)
     p.add_argument("--min-seconds", type=float, default=2.0, help="shorter files are rejected (default: one paper clip)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (0: in this process, no wall-clock bound)"
+    )
     p.add_argument("--probe-timeout", type=float, default=300.0, help="seconds per file before it is rejected as 'timeout' (0: none)")
+    p.add_argument(
+        "--max-repair",
+        type=float,
+        default=MAX_REPAIR,
+        help=f"share of a file's duration that timeline repairs (silence for missing audio, overlapping audio dropped) may cover "
+        f"before it is rejected as 'out_of_sync' (default {MAX_REPAIR:g})",
+    )
     p.add_argument("--transcode", action="store_true", help="re-encode every kept video once to the training size and rate (H.264 mp4)")
     p.add_argument("--preset", default="paper", help="the config whose data settings set the --transcode defaults (default paper)")
     p.add_argument("--short-side", type=int, default=None, help="transcoded short side in px (default: the preset's largest train scale)")
@@ -459,8 +516,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.sample_rate <= 0 or a.min_seconds <= 0 or a.workers < 1 or a.probe_timeout < 0:
-        print("error: --sample-rate and --min-seconds must be > 0, --workers >= 1, --probe-timeout >= 0", file=sys.stderr)
+    if not 0 <= a.max_repair <= 1:
+        print(f"error: --max-repair must be a share of the duration in [0, 1], got {a.max_repair:g}", file=sys.stderr)
+        return 2
+    if a.sample_rate <= 0 or not a.min_seconds > 0 or a.workers < 0 or not 0 <= a.probe_timeout < math.inf:
+        print("error: --sample-rate and --min-seconds must be > 0, --workers >= 0, --probe-timeout finite and >= 0", file=sys.stderr)
         return 2
     transcode = None
     if a.transcode:
@@ -478,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --short-side, --fps and --crf set what --transcode writes; pass --transcode", file=sys.stderr)
         return 2
     try:
-        s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, not a.quiet, a.probe_timeout, transcode)
+        s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, not a.quiet, a.probe_timeout, transcode, a.max_repair)
     except (ValueError, OSError) as e:  # an input listed twice; --out not writable, a full disk
         if a.debug:
             raise
@@ -489,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{s.total} files: {s.kept} kept, {s.rejected} rejected ({reasons}); processed {s.processed}, "
         f"already done {s.skipped}; manifest {a.out / 'manifest.jsonl'}"
     )
+    if s.repaired:
+        said = ", ".join(f"{k} {v:.3g}" for k, v in sorted(s.repairs.items()))
+        print(f"timelines repaired in {s.repaired} of {s.kept} kept files ({said}); each record's 'sync' says what (docs/data.md, 'Time')")
     if transcode is not None and s.video_hours > 0:
         print(
             f"transcoded to {transcode.short_side} px, {transcode.fps:g} fps: {s.transcoded_bytes / 2**20:.3g} MiB for "
