@@ -48,13 +48,16 @@ class SynthSpec:
     num_classes: int = 8
     format: str = "mp4"  # mp4: H.264 + AAC; webm: VP9 + Opus
     seed: int = 0
+    # video encoder threads; 0: the encoder's choice, whose output depends on the machine's core count (x264's frame
+    # threads), 1: the same bytes on every machine (the loss-trajectory guard's data)
+    encoder_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.format not in ("mp4", "webm"):
             raise ValueError(f"format={self.format!r} is invalid: expected 'mp4' or 'webm'")
         if self.size < 16 or self.size % 2:
             raise ValueError(f"size={self.size} is invalid: expected an even number >= 16")
-        if self.seconds <= 0 or self.fps <= 0 or self.sample_rate < 8000 or self.num_classes < 1:
+        if self.seconds <= 0 or self.fps <= 0 or self.sample_rate < 8000 or self.num_classes < 1 or self.encoder_threads < 0:
             raise ValueError(f"invalid synth parameters: {self}")
 
 
@@ -162,8 +165,9 @@ def render(index: int, label: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndar
     return frames, audio, {"events": event_times, "distractor_beeps": sorted(float(b) for b in beeps)}
 
 
-def write_video(path: Path, frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int, fmt: str) -> None:
-    """Encode ``frames [n, H, W, 3]`` uint8 and mono ``audio [samples]`` float32 into ``path`` with PyAV."""
+def write_video(path: Path, frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int, fmt: str, encoder_threads: int = 0) -> None:
+    """Encode ``frames [n, H, W, 3]`` uint8 and mono ``audio [samples]`` float32 into ``path`` with PyAV
+    (``encoder_threads``: see :class:`SynthSpec`)."""
     import av
 
     vcodec, acodec = ("libx264", "aac") if fmt == "mp4" else ("libvpx-vp9", "libopus")
@@ -176,7 +180,7 @@ def write_video(path: Path, frames: np.ndarray, audio: np.ndarray, fps: int, sam
             {"crf": "23", "g": str(fps)}
             if fmt == "mp4"
             else {"crf": "32", "b:v": "0", "g": str(fps), "deadline": "realtime", "cpu-used": "8"}
-        )
+        ) | ({"threads": str(encoder_threads)} if encoder_threads else {})
         aud = container.add_stream(acodec, rate=out_rate, layout="mono")
         for img in frames:
             for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
@@ -204,7 +208,7 @@ def write_video(path: Path, frames: np.ndarray, audio: np.ndarray, fps: int, sam
 def _make_one(args: tuple[int, int, str, SynthSpec]) -> dict:
     index, label, path, spec = args
     frames, audio, meta = render(index, label, spec)
-    write_video(Path(path), frames, audio, spec.fps, spec.sample_rate, spec.format)
+    write_video(Path(path), frames, audio, spec.fps, spec.sample_rate, spec.format, spec.encoder_threads)
     return {"path": path, "label": label, "class_name": class_name(label), "index": index, **meta}
 
 
