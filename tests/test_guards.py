@@ -30,4 +30,3 @@ def test_the_loss_trajectory_is_the_committed_one(manifest, tmp_path, scheme, th
             + ", ".join(f"{k} {w.get(k)!r} -> {g.get(k)!r}" for k in sorted(set(g) | set(w)) if g.get(k) != w.get(k))
             + " (a deliberate change: regenerate with python tests/guards.py and say why in the commit)"
         )
-
