@@ -73,7 +73,10 @@ class Watchdog:
 
     def _arm_backstop(self) -> None:
         self._armed = time.monotonic()
-        faulthandler.dump_traceback_later(self.seconds * 1.25 + 10, exit=True)
+        try:  # the process's real stderr: sys.stderr may be a replacement without a file descriptor (a notebook, pytest)
+            faulthandler.dump_traceback_later(self.seconds * 1.25 + 10, exit=True, file=sys.__stderr__ or sys.stderr)
+        except (AttributeError, OSError, ValueError):  # no usable descriptor at all: the thread's watch alone
+            pass
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.seconds / 10)):
@@ -91,7 +94,7 @@ class Watchdog:
                 faulthandler.dump_traceback(file=f, all_threads=True)
             said = f"the stacks of every thread are in {where}"
         except OSError as e:  # the run folder cannot be written: the stacks go to stderr
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            faulthandler.dump_traceback(file=sys.__stderr__ or sys.stderr, all_threads=True)
             said = f"cannot write {where} ({e.strerror or e}): the stacks of every thread are printed above"
         print(f"{self.prog}: error: {self.what} for {idle:.0f} s (watchdog limit {self.seconds:g} s); {said}", file=sys.stderr, flush=True)
         os._exit(EXIT_CODE)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from data_fixtures import SR, TEST_CFG, check_contract, make_synth
@@ -15,6 +14,8 @@ from avmt.data.manifest import load_manifest
 from avmt.data.media import MediaError, read_frames
 from avmt.data.prepare import main, prepare, scan_root
 from avmt.data.transcode import TranscodeSettings, output_size, transcode_video
+
+av = pytest.importorskip("av")  # every test here writes or reads media with PyAV
 
 
 @pytest.fixture(scope="module")

@@ -30,3 +30,48 @@ def test_the_loss_trajectory_is_the_committed_one(manifest, tmp_path, scheme, th
             + ", ".join(f"{k} {w.get(k)!r} -> {g.get(k)!r}" for k in sorted(set(g) | set(w)) if g.get(k) != w.get(k))
             + " (a deliberate change: regenerate with python tests/guards.py and say why in the commit)"
         )
+
+
+# A checkpoint of the tiny preset (lowrank, 2 steps of batch 4) written by avmt at c9fb06c: the format every later
+# commit must keep loading, resuming and evaluating, or convert, or refuse with one line naming the version.
+OLD_CHECKPOINT = fixture_path("none").parent / "checkpoint-tiny-format1"
+
+
+def _run_with_old_checkpoint(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(OLD_CHECKPOINT, run / "checkpoints" / "step_000002")
+    (run / "checkpoints" / "latest").write_text("step_000002")
+    return run
+
+
+def test_an_old_checkpoint_loads_with_its_model(tmp_path):
+    from avmt.checkpoint import load_checkpoint, load_model
+
+    state = load_checkpoint(OLD_CHECKPOINT)
+    assert state["step"] == 2 and state["config"]["model"]["sharing"] == "lowrank"
+    model, cfg = load_model(OLD_CHECKPOINT)
+    assert cfg.model.sharing == "lowrank" and cfg.data.batch_timeout_s == 300.0  # a setting added later: its default
+    assert sum(p.numel() for p in model.parameters()) > 0 and not model.training
+
+
+def test_an_old_checkpoint_resumes(manifest, tmp_path):
+    from avmt.config import load_config
+    from avmt.train import train
+
+    run = _run_with_old_checkpoint(tmp_path)
+    overrides = [f"data.manifest={manifest}", "data.num_workers=0", f"train.run_dir={run}", "model.sharing=lowrank"]
+    overrides += ["train.batch_size=4", "train.warmup_steps=2", "train.max_steps=4", "train.save_every=2"]
+    # its data.manifest was a folder of the machine that wrote it: the move is the one accepted change
+    summary = train(load_config("tiny", overrides=overrides), progress=False, allow_config_change=True)
+    assert summary["steps"] == 4 and summary["checkpoint"].endswith("step_000004")
+
+
+def test_an_old_checkpoint_evaluates(manifest, tmp_path, capsys):
+    from avmt.evaluate import main
+
+    args = ["--checkpoint", str(OLD_CHECKPOINT), "--manifest", str(manifest), "--heads", "audio", "--json", "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out)
+    assert 0 <= out["pretrained"]["audio"]["test_top1"] <= 100

@@ -9,7 +9,6 @@ import signal
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -109,6 +108,7 @@ def _use_ffmpeg_threads(video: Path, out: Path) -> None:
     """What leaves FFmpeg state with threads in this process, as the two hangs that were seen did: a threaded
     decode, a transcode (swscale slice threads), an audio resampling filter graph (probe_and_extract), and a few
     frame reads; none of it freed on purpose."""
+    av = pytest.importorskip("av")
     with av.open(str(video)) as c:
         s = c.streams.video[0]
         s.thread_type = "AUTO"
