@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _without(tmp_path: Path, *modules: str) -> dict[str, str]:
-    """An environment whose Python cannot import ``modules``: a module of each name that raises ModuleNotFoundError (what an absent package raises), first on
-    the path."""
+    """An environment whose Python cannot import ``modules``: a module of each name first on the path, which raises
+    ModuleNotFoundError (what an absent package raises)."""
     for name in modules:
         parts = name.split(".")
         folder = tmp_path.joinpath(*parts[:-1])
