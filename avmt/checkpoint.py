@@ -33,11 +33,14 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+if TYPE_CHECKING:
+    from avmt.config import Config
 
 FILES = ("model.safetensors", "state.pt")
 MANIFEST = "manifest.json"
@@ -154,14 +157,56 @@ def _write_folder(
         raise CheckpointError(f"cannot write {what}: {why}") from None
 
 
+def not_checkpoint_folder(path: str | Path) -> str | None:
+    """None if ``path`` is a folder that avmt's checkpoint writers could have left (a real folder, not a link, that
+    holds nothing but regular files named :data:`FILES` and :data:`MANIFEST`, possibly only some of them: an
+    interrupted write; or nothing), else why it is not. Only such a folder is ever replaced or removed by
+    :func:`export_checkpoint`."""
+    path = Path(path)
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if not path.is_dir():
+        return "it is a file, not a folder"
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as e:
+        return f"it cannot be listed: {e.strerror or e}"
+    for entry in entries:
+        if entry.name not in (*FILES, MANIFEST) or entry.is_symlink() or not entry.is_file():
+            return f"it holds {entry.name!r}, which avmt does not write there"
+    return None
+
+
+def check_export_target(path: str | Path, overwrite: bool = False) -> Path:
+    """The absolute ``path`` that :func:`export_checkpoint` may write (callers check it before any long work);
+    :class:`CheckpointError` if it exists without ``overwrite``, is the current folder or one holding it, or it (or
+    an interrupted write's ``path.tmp`` / ``path.old``) is not a checkpoint folder avmt wrote."""
+    path = Path(os.path.abspath(path))  # lexical: "." gets its name, a link stays a link
+    exists = path.exists() or path.is_symlink()
+    if exists and not overwrite:
+        raise CheckpointError(f"{path} exists; choose another folder or overwrite it explicitly")
+    cwd = Path.cwd().resolve()
+    if not path.name or path.resolve() == cwd or path.resolve() in cwd.parents:
+        raise CheckpointError(f"{path} is the current folder or holds it; choose a folder of its own")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    why = not_checkpoint_folder(path) if exists else None
+    if why is not None:
+        raise CheckpointError(f"{path} is not a checkpoint folder avmt wrote ({why}); overwrite replaces only those: choose another folder")
+    for side in (tmp, old):
+        why = not_checkpoint_folder(side) if side.exists() or side.is_symlink() else None
+        if why is not None:
+            raise CheckpointError(f"{side} exists and is not a checkpoint folder avmt wrote ({why}); move it away first")
+    return path
+
+
 def export_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], state: dict[str, Any], overwrite: bool = False) -> Path:
     """Write a standalone checkpoint folder ``path`` (the layout of one ``step_*`` folder: what ``python -m
     avmt.convert`` produces) from ``weights`` (keys as in the ``Pretraining`` module: ``model.*``, heads optional)
     and ``state`` (``config`` at least). Written to ``path.tmp`` and renamed, so ``path`` is complete or absent; an
-    existing ``path`` is replaced only with ``overwrite`` (after the new copy is complete)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} exists; choose another folder or overwrite it explicitly")
+    existing ``path`` is replaced only with ``overwrite`` (after the new copy is complete), and only if it is a
+    checkpoint folder avmt wrote (:func:`not_checkpoint_folder`); the same holds for a ``path.tmp`` or ``path.old``
+    that an interrupted write left. Anything else is refused with :class:`CheckpointError` before any write."""
+    path = check_export_target(path, overwrite)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,13 +319,64 @@ def load_checkpoint(
     why = None if verified else verify(path)
     if why is not None and not (allow_unverified and not (path / MANIFEST).exists()):
         raise CheckpointError(f"{path}: {why}")
+    state = _load_state(path, map_location)
+    if module is not None:
+        try:
+            module.load_state_dict(_load_weights(path, map_location))
+        except RuntimeError as e:  # load_state_dict: missing, unknown or mis-shaped tensors
+            raise CheckpointError(f"{path}: the weights do not fit the module: {_first_line(e)}") from None
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _load_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """``state.pt`` of checkpoint folder ``path`` (``weights_only``: a pickled class other than tensors and plain
+    containers is refused, never run); :class:`CheckpointError` for a missing, unreadable or refused file."""
     try:
         state = torch.load(path / FILES[1], map_location=map_location, weights_only=True)
-        if module is not None:
-            module.load_state_dict(load_file(path / FILES[0], device=str(map_location)))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: {Path(e.filename).name} is missing") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {FILES[1]} is missing") from None
+    except Exception as e:  # junk parses as anything: UnpicklingError, EOFError, KeyError, RuntimeError, ...
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if m:
+            raise CheckpointError(
+                f"{path}: {FILES[1]} holds a pickled {m.group(1)}, which is refused: unpickling it could run arbitrary code"
+            ) from None
+        raise CheckpointError(f"{path}: {FILES[1]} is not a readable checkpoint state ({_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {FILES[1]} holds a {type(state).__name__}, not a checkpoint state (a dict)")
     return state
+
+
+def _load_weights(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` of checkpoint folder ``path``; :class:`CheckpointError` for a missing or unreadable file."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path / FILES[0], device=str(map_location))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {FILES[0]} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {FILES[0]} is not a readable safetensors file ({_first_line(e)})") from None
+
+
+def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
+    """The :class:`avmt.config.Config` a checkpoint state records (``state["config"]``), validated;
+    :class:`CheckpointError` naming ``path`` when it is missing or invalid (a config of another avmt version, an
+    edited file)."""
+    from avmt.config import ConfigError, config_from_dict
+
+    values = state.get("config")
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: {FILES[1]} holds no config (a checkpoint avmt wrote always does)")
+    try:
+        return config_from_dict(values)
+    except (ConfigError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: the config in {FILES[1]} is invalid: {e}") from None
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, bool]:
@@ -307,12 +403,11 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     written by ``python -m avmt.convert``. ``model`` is an :class:`avmt.models.AVBert` built from the checkpoint's
     config with its weights loaded strictly (every model tensor present, none unknown; pretraining heads, if any,
     are not part of it), in eval mode on ``map_location``; ``config`` is the checkpoint's :class:`avmt.config.Config`."""
-    from avmt.config import config_from_dict
     from avmt.models import AVBert
 
     folder, verified = resolve_checkpoint(path)
     state = load_checkpoint(folder, map_location=map_location, verified=verified)
-    cfg = config_from_dict(state["config"])
+    cfg = checkpoint_config(state, folder)
     model = AVBert(cfg.model)
     load_model_weights(folder, model, map_location)
     return model.to(map_location).eval(), cfg
@@ -321,7 +416,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 def load_model_weights(folder: str | Path, model: nn.Module, map_location: str | torch.device = "cpu") -> None:
     """Load the ``model.*`` tensors of checkpoint folder ``folder`` into ``model`` (an AVBert) strictly; the caller
     has verified the folder. Raises :class:`CheckpointError` naming missing, unknown or mis-shaped tensors."""
-    weights = load_file(Path(folder) / FILES[0], device=str(map_location))
+    weights = _load_weights(Path(folder), map_location)
     own = {k[len("model.") :]: v for k, v in weights.items() if k.startswith("model.")}
     want = model.state_dict()
     missing, unknown = sorted(set(want) - set(own)), sorted(set(own) - set(want))

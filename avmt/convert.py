@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from avmt.checkpoint import CheckpointError, export_checkpoint
+from avmt.checkpoint import CheckpointError, check_export_target, export_checkpoint
 from avmt.config import Config, ConfigError, load_config
 
 PREFIX = "avbert."
@@ -90,11 +90,15 @@ def read_official(path: str | Path) -> tuple[dict[str, Tensor], list[str]]:
                 f"{path} holds a pickled {m.group(1)}, which is neither a tensor nor a known config class "
                 f"({', '.join(CONFIG_CLASSES)}): refused, since unpickling it could run arbitrary code"
             ) from None
-        raise ConvertError(f"{path} is not a readable torch checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        lines = str(e).strip().splitlines()  # an empty file raises EOFError with no message
+        raise ConvertError(f"{path} is not a readable torch checkpoint: {type(e).__name__}{': ' + lines[0] if lines else ''}") from None
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
-        top = ", ".join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+        top = ", ".join(map(repr, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ConvertError(f"{path} has no 'state_dict' dict (it holds: {top})")
+    odd = [k for k in (*ckpt, *sd) if not isinstance(k, str)]
+    if odd:
+        raise ConvertError(f"{path}: key {odd[0]!r} ({type(odd[0]).__name__}) is not a string: not an official AVBERT checkpoint")
     model = {k[len(PREFIX) :]: v for k, v in sd.items() if k.startswith(PREFIX) and isinstance(v, Tensor)}
     other = [f"{k} (top level)" for k in ckpt if k != "state_dict"] + [
         k for k in sd if not (k.startswith(PREFIX) and isinstance(sd[k], Tensor))
@@ -174,7 +178,10 @@ def _orthogonal_log(r: Tensor) -> Tensor:
 
 
 def avmt_generator(a: Tensor, base: Tensor) -> Tensor:
-    """avmt's ``A`` (float64) whose ``matrix_exp(A - Aᵀ)`` is ``official_rotation(a, base)ᵀ``."""
+    """avmt's ``A`` (float64) whose ``matrix_exp(A - Aᵀ)`` is ``official_rotation(a, base)ᵀ``. ``a`` and ``base``
+    must be square and of one size (:class:`ConvertError` otherwise)."""
+    if a.ndim != 2 or base.ndim != 2 or a.shape[0] != a.shape[1] or base.shape != a.shape:
+        raise ConvertError(f"A has shape {tuple(a.shape)} and base {tuple(base.shape)}: both must be the same square [r, r]")
     eye = torch.eye(base.shape[0], dtype=base.dtype)
     if torch.equal(base, eye):
         return -torch.triu(a.double(), 1)  # expm(-S) = expm(S)ᵀ, exactly
@@ -228,6 +235,8 @@ def map_official(sd: dict[str, Tensor], model: dict[str, Tensor]) -> tuple[dict[
             raise ConvertError(f"{dst} is provided twice ({sources[0]})")
         if tuple(value.shape) != tuple(model[dst].shape):
             raise ConvertError(f"{sources[0]} has shape {tuple(value.shape)}, but avmt's {dst} needs {tuple(model[dst].shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ConvertError(f"{sources[0]} holds NaN or infinite values")
         out[dst] = value.to(model[dst].dtype).contiguous()
         if len(sources) == 1 and value is sd[sources[0]]:
             conv.copied[dst] = sources[0]
@@ -275,17 +284,31 @@ def map_official(sd: dict[str, Tensor], model: dict[str, Tensor]) -> tuple[dict[
                 f"avmt needs groups 0..{n_groups - 1}, each with ms{{g}}_linear.weight, A and base"
             )
         parts = [per_group[g] for g in range(n_groups)]
+        for p in parts:  # each V[g]ᵀ on its own, so that a wrong one is named (a stack would fail on it anonymously)
+            need = (want.shape[2], want.shape[1])
+            if tuple(sd[p["V"]].shape) != need:
+                raise ConvertError(
+                    f"{p['V']} has shape {tuple(sd[p['V']].shape)}, but avmt's {name}.V needs [{need[0]}, {need[1]}] per group"
+                )
         put(f"{name}.V", torch.stack([sd[p["V"]].T for p in parts]), [p["V"] for p in parts])
         gens = []
         for p in parts:
+            for k in (p["A"], p["base"]):
+                if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all()):
+                    raise ConvertError(f"{k} holds NaN or infinite values")
             try:
                 gens.append(avmt_generator(sd[p["A"]], sd[p["base"]]))
             except ConvertError as e:
                 raise ConvertError(f"{p['A']}: {e}") from None
+            except RuntimeError as e:  # torch.linalg on a degenerate base (singular, not orthogonal)
+                raise ConvertError(
+                    f"{p['A']}: the rotation cannot be converted: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                ) from None
         put(f"{name}.A", torch.stack(gens), [s for p in parts for s in (p["A"], p["base"])])
         for p, a in zip(parts, out[f"{name}.A"]):  # check the stored (float32) A against the official rotation
             r = torch.matrix_exp(a.double() - a.double().T)
-            conv.rotation_error = max(conv.rotation_error, float((r - official_rotation(sd[p["A"]], sd[p["base"]]).T).abs().max()))
+            err = float((r - official_rotation(sd[p["A"]], sd[p["base"]]).T).abs().max())
+            conv.rotation_error = max(conv.rotation_error, err if err == err else float("inf"))  # NaN: as far off as can be
     missing = [k for k in model if k not in out]
     if missing:
         raise ConvertError(f"{len(missing)} avmt tensors have no source in the checkpoint, e.g. {', '.join(missing[:3])}")
@@ -298,13 +321,23 @@ def official_config(sd: dict[str, Tensor], preset: str = "paper", overrides: Seq
     """The avmt config of an official checkpoint: ``preset`` with the fixed facts of the official model (lowrank
     sharing, mid fusion, normalize eps 1e-12) and the sizes read from the tensors (dim, FFN, rank, positions), then
     ``overrides``. ``model.heads`` is not in the tensors: it comes from the preset (paper: 12, as the official)."""
-    try:
-        dim = sd["visual_fc.weight"].shape[0]
-        ffn = sd[f"transformer.{LAYER}factor_ffn.s_linear.weight"].shape[0]
-        rank = sd[f"transformer.{LAYER}attention.factor_query.ms0_linear.weight"].shape[0]
-        positions = sd["single_visual_embeddings.position_embeddings.weight"].shape[0]
-    except KeyError as e:
-        raise ConvertError(f"the checkpoint lacks {e.args[0]}: not the official AVBERT layout") from None
+    sizes = {}
+    for what, key in (
+        ("dim", "visual_fc.weight"),
+        ("ffn", f"transformer.{LAYER}factor_ffn.s_linear.weight"),
+        ("rank", f"transformer.{LAYER}attention.factor_query.ms0_linear.weight"),
+        ("positions", "single_visual_embeddings.position_embeddings.weight"),
+    ):
+        if key not in sd:
+            raise ConvertError(f"the checkpoint lacks {key}: not the official AVBERT layout")
+        if sd[key].ndim != 2 or min(sd[key].shape) < 1:
+            raise ConvertError(f"{key} has shape {tuple(sd[key].shape)}: a matrix is needed (its rows give model.{what})")
+        sizes[what] = sd[key].shape[0]
+    dim, ffn, rank, positions = sizes["dim"], sizes["ffn"], sizes["rank"], sizes["positions"]
+    if positions < 2:
+        raise ConvertError(
+            f"single_visual_embeddings.position_embeddings.weight has {positions} row: the BOS and at least one clip are needed"
+        )
     facts = [
         "model.sharing=lowrank",
         "model.fusion=mid",
@@ -326,6 +359,7 @@ def convert_official(
     """Convert the official checkpoint ``src`` into the avmt checkpoint folder ``out`` (see the module docstring)."""
     from avmt.models import AVBert
 
+    check_export_target(out, overwrite)  # before the work: a refused OUT is said at once
     sd, other = read_official(src)
     cfg = official_config(sd, preset, overrides)
     with torch.device("meta"):
@@ -354,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("out", type=Path, help="the avmt checkpoint folder to write")
     o.add_argument("overrides", nargs="*", help="config key=value applied after the facts read from the checkpoint")
     o.add_argument("--preset", default="paper", help="the preset the rest of the config comes from (default paper)")
-    o.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    o.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it is a checkpoint folder avmt wrote (nothing else is replaced)"
+    )
     o.add_argument("--json", action="store_true", help="print the full key accounting as JSON")
     o.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     a = p.parse_args(argv)

@@ -653,14 +653,33 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (EvaluationError, ProtocolError, RuntimeError) as e:
         parser.error(str(e))
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        parser.error(f"--device {args.device}: {'no CUDA device here' if not torch.cuda.is_available() else 'no such CUDA device'}")
+    floats = {"--lr": args.lr, "--weight-decay": args.weight_decay, "--warmup-fraction": args.warmup_fraction, "--dropout": args.dropout}
+    for flag, value in (floats | {"--head-lr": args.head_lr}).items():
+        if value is not None and not abs(value) < float("inf"):  # inf passes the settings' range checks
+            parser.error(f"{flag} must be a finite number, got {value:g}")
+    if transfer and args.split is not None:
+        splits = {"ucf101": ("1", "2", "3"), "esc50": ("1", "2", "3", "4", "5"), "kinetics-sounds": ("1",)}[args.protocol]
+        if args.split not in splits:
+            parser.error(f"--split {args.split!r}: {args.protocol} has splits/folds {', '.join(splits)}")
     if args.manifest is not None and not args.manifest.exists():
         parser.error(f"--manifest {args.manifest} does not exist")
+    if args.manifest is not None and not args.manifest.is_file():  # a folder, or a FIFO that would block the read
+        parser.error(f"--manifest {args.manifest} is not a regular file")
 
     from avmt.data.loader import LoaderError
 
     try:
         state = load_checkpoint(ckpt)
-        cfg = config_from_dict(state["config"])
+        if not isinstance(state.get("config"), dict):
+            raise CheckpointError(f"{ckpt}: state.pt holds no config (a checkpoint avmt wrote always does)")
+        try:
+            cfg = config_from_dict(state["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{ckpt}: the config in state.pt is invalid: {e}") from None
         if args.loader is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=args.loader))
         with Watchdog(args.watchdog_s, _stacks_path(ckpt), "no batch evaluated (--watchdog-s)", prog="avmt.evaluate"):

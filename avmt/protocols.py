@@ -67,9 +67,9 @@ class TransferSettings:
         checks = {
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
-            "backbone_lr": self.backbone_lr >= 0,
-            "head_lr": self.head_lr > 0,
-            "weight_decay": self.weight_decay >= 0,
+            "backbone_lr": 0 <= self.backbone_lr < math.inf,
+            "head_lr": 0 < self.head_lr < math.inf,
+            "weight_decay": 0 <= self.weight_decay < math.inf,
             "schedule": self.schedule in ("cosine", "linear"),
             "dropout": 0 <= self.dropout < 1,
             "train_repeats": self.train_repeats >= 1,

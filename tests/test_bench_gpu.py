@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import pytest
 import torch
+from bad_input import refused, snapshot
 
 import avmt.bench.gpu as gpu
+from avmt.bench.__main__ import main as bench_main
 from avmt.bench.report import load_results, render
 from avmt.numerics import error_report
 
@@ -166,3 +173,81 @@ def test_report_renders_a_gpu_check(tmp_path):
     assert "| 768→3072 +GELU | 1024 | bfloat16 | 3 | 1 | 2 | 3.00× | 2.00× | 0 |" in md
     assert "| `lowrank` | 0.5 | 8 | 1,024.0 | - | - | 3 |" in md
     assert "| `lowrank` | ≥ 32 (stopped) | 1 |" in md and "| `none` | 40 | 1 |" in md
+
+
+BAD_GPU = {  # name: (arguments after "gpu --dry-run", what the one line says); every case exits 2 before any work
+    "negative budget": (
+        ["--budget-s=-5"],
+        "--budget-s must be a finite number of seconds >= 15 (the least a part is started with), got -5",
+    ),
+    "NaN budget": (["--budget-s", "nan"], "got nan"),
+    "infinite budget": (["--budget-s", "inf"], "got inf"),
+    "zero budget": (["--budget-s", "0"], "got 0"),
+    "budget below one part": (["--budget-s", "10"], "got 10"),
+    "budget not a number": (["--budget-s", "soon"], "invalid float value: 'soon'"),
+    "unknown part": (["--parts", "sampling,nope"], "unknown part(s) ['nope']"),
+    "no part": (["--parts", ""], "unknown part(s) ['']"),
+    "a part twice": (["--parts", "sampling,sampling"], "a part twice in 'sampling,sampling'"),
+    "out is a folder": (["--out", "{tmp}/folder"], "is a folder; name the file to write"),
+    "out under a file": (["--out", "{tmp}/file/check.json"], "file is not a writable folder"),
+    "out is a FIFO": (["--out", "{tmp}/fifo"], "fifo is not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GPU))
+def test_bad_cli_input_is_a_one_line_error_that_changes_nothing(tmp_path, monkeypatch, capsys, case):
+    args, message = BAD_GPU[case]
+    monkeypatch.setattr(gpu, "ensure_built", lambda no_build: pytest.fail("the build ran"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    os.mkfifo(tmp_path / "fifo")
+    argv = ["gpu", "--dry-run", "--out", str(tmp_path / "check.json"), *[a.format(tmp=tmp_path) for a in args]]
+    before = snapshot(tmp_path)
+    code, line, out = refused(bench_main, argv, capsys)
+    assert code == 2 and "python -m avmt.bench gpu: error: " in line and message in line, line
+    assert out == "" and snapshot(tmp_path) == before  # no JSON, no stray .NAME.tmp
+
+
+def test_write_json_leaves_no_temporary_file_when_it_fails(tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):
+        gpu.write_json(tmp_path / "taken", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_a_part_dies_with_a_killed_orchestrator(tmp_path):
+    """The part runs in its own session (its timeout kills its group), so no terminal signal reaches it: the kernel
+    ends it when the orchestrator dies, whenever that happens."""
+    (tmp_path / "sitecustomize.py").write_text(  # the part's process, started with this on its path, hangs in its first call
+        "import time\nimport avmt.backends\navmt.backends.select_sampling = lambda device: time.sleep(600)\n"
+    )
+    code = f"import pathlib, avmt.bench.gpu as g; g.spawn_part('sampling', True, 120, pathlib.Path({str(tmp_path)!r}) / 's.json')"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    orchestrator = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline, part = time.time() + 60, None
+        while part is None and time.time() < deadline:
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                    if int(fields[1]) == orchestrator.pid and "--child" in (stat.parent / "cmdline").read_text():
+                        part = int(stat.parent.name)
+                except (OSError, ValueError, IndexError):
+                    continue
+            time.sleep(0.1)
+        assert part is not None, "the part never started"
+        time.sleep(1.0)  # well into its imports
+    finally:
+        orchestrator.kill()
+        orchestrator.wait(timeout=30)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{part}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # a zombie waiting for its reaper is dead too
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(part, 9)
+    pytest.fail(f"part {part} outlived its killed orchestrator by 20 s")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bad_input import refused, snapshot
 
+from avmt.bench.__main__ import main as bench_main
 from avmt.bench.memory import SavedTensorCounter, measure_step
 from avmt.config import load_config
 
@@ -76,3 +78,32 @@ def test_measure_step_rejects_what_it_cannot_measure():
         measure_step(cfg, scope="pretraining", mode="fake")
     with pytest.raises(ValueError, match="scope"):
         measure_step(cfg, scope="everything")
+
+
+# -- python -m avmt.bench memory: bad input ------------------------------------------------------------------------------
+
+BAD_MEMORY = {  # name: (arguments after "memory --preset tiny", what the one line says); every case exits 2
+    "batch 0": (["--batch", "0"], "--batch must be >= 1, got 0"),
+    "negative batch": (["--batch", "-3"], "--batch must be >= 1, got -3"),
+    "clips 0": (["--clips", "0"], "--clips must be >= 1, got 0"),
+    "negative clips": (["--clips", "-1"], "--clips must be >= 1, got -1"),
+    "clips past the position tables": (["--clips", "500"], "--clips 500 is more than model.max_clips=16"),
+    "unknown scheme": (["--schemes", "shared"], "unknown scheme 'shared'"),
+    "no scheme": (["--schemes", ""], "unknown scheme ''"),
+    "a scheme twice": (["--schemes", "lowrank,lowrank"], "a scheme twice in 'lowrank,lowrank'"),
+    "pretraining scope": (["--scope", "pretraining"], "invalid choice: 'pretraining'"),
+    "unknown precision": (["--precision", "fp16"], "invalid choice: 'fp16'"),
+    "batch not a number": (["--batch", "four"], "invalid int value: 'four'"),
+    "invalid config": (["model.dim=-1"], "model.dim=-1 is invalid"),
+    "unknown config key": (["model.dimm=8"], "unknown config key 'model.dimm'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MEMORY))
+def test_bad_cli_input_is_a_one_line_error(tmp_path, monkeypatch, capsys, case):
+    args, message = BAD_MEMORY[case]
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    code, line, out = refused(bench_main, ["memory", "--preset", "tiny", *args], capsys)
+    assert code == 2 and "error: " in line and message in line, line
+    assert out == "" and snapshot(tmp_path) == before  # no numbers printed, nothing written

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+from bad_input import refused, snapshot
 
 from avmt.bench.__main__ import main as bench_main
 from avmt.bench.memory import measure_step
@@ -175,3 +177,47 @@ def test_report_renders_the_loader_cases(tmp_path):
     _bench_json(tmp_path / "loader2.json", [("side", {"median": 60}, side)], mode="full", date="2026-12-02")
     md = render(load_results([tmp_path]), tmp_path, plots=False)
     assert "| `transcoded` | v | 10 s | 9.9 | 4.95 | - | 11.0× (10.5-11.7× by round) | 50% | 2 |" in md  # the newer run wins
+
+
+BAD_REPORT = {  # name: (file contents, or None for a FIFO, extra arguments, what the one line says); exit 2
+    "not JSON": ("{results: 1", [], "junk.json: not JSON (JSONDecodeError"),
+    "binary junk": (b"\xff\xfe\x00junk", [], "junk.json: not JSON (UnicodeDecodeError"),
+    "a JSON list": ("[1, 2]", [], "junk.json: not a result file this report knows"),
+    "benchmarks that are not records": ('{"benchmarks": [1, 2]}', [], "junk.json: not a valid result file (AttributeError"),
+    "a peak file without runs": ('{"bench": "whole-step peak"}', [], "junk.json: not a valid result file (KeyError"),
+    "a GPU check of junk": ('{"kind": "avmt-gpu-check", "parts": 7}', [], "junk.json: not a valid python -m avmt.bench gpu result"),
+    "a sweep of junk": ('{"bench": "peak sweep", "results": [1]}', [], "junk.json: not a valid"),
+    "a FIFO": (None, [], "junk.json: not a regular file"),
+    "out is a folder": ("{}", ["--out", "{tmp}"], "is a folder; name the file to write"),
+    "out under a file": ("{}", ["--out", "{tmp}/file/r.md"], "file is not a writable folder"),
+    "missing input": ("{}", ["{tmp}/none.json"], "error: not found: "),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REPORT))
+def test_bad_input_is_a_one_line_error_that_changes_nothing(tmp_path, monkeypatch, capsys, case):
+    content, extra, message = BAD_REPORT[case]
+    junk = tmp_path / "junk.json"
+    if content is None:
+        os.mkfifo(junk)  # reading it would block forever
+    else:
+        junk.write_bytes(content if isinstance(content, bytes) else content.encode())
+    (tmp_path / "file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    inputs, options = [a for a in extra if a.endswith(".json")], [a for a in extra if not a.endswith(".json")]
+    argv = ["report", *inputs, str(junk), "--out", str(tmp_path / "r.md"), *options]
+    before = snapshot(tmp_path)
+    code, line, out = refused(bench_main, argv, capsys)
+    assert code == 2 and line.startswith("python -m avmt.bench report: error: ") and message in line, line
+    assert out == "" and snapshot(tmp_path) == before
+
+
+def test_a_junk_file_in_a_folder_is_skipped_with_its_reason(tmp_path, capsys):
+    cfg = load_config("tiny", overrides=["model.sharing=lowrank"])
+    r = measure_step(cfg, batch=1)
+    _bench_json(tmp_path / "good.json", [("m", {"mean": 1.0}, dict(kind="memory", preset="tiny", variant="tiny", **r.to_dict()))])
+    (tmp_path / "junk.json").write_text('{"bench": "whole-step peak"}')
+    assert bench_main(["report", str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    assert "skipped " + str(tmp_path / "junk.json") + ": not a valid result file (KeyError" in capsys.readouterr().err
+    assert "`lowrank`" in (tmp_path / "r.md").read_text()

@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from bad_input import error_line, snapshot
 from official_layout import HEAD_KEYS, official_state_dict, save_official
 
 from avmt.checkpoint import CheckpointError, load_checkpoint, load_model
@@ -166,3 +167,128 @@ def test_load_model_reads_training_checkpoints_too(tmp_path):
     with pytest.raises(CheckpointError, match="holds no usable checkpoint"):
         load_model(tmp_path / "checkpoints")
     assert folder.exists()
+
+
+@pytest.fixture(scope="module")
+def plain_sd():
+    """Official tensors with identity bases (the fast exact path), for the damaged variants of the bad-input table."""
+    return official_state_dict(seed=1)
+
+
+def _shared(sd, key, value):
+    """``sd`` with ``key`` (a ``transformer.`` key) set to ``value`` under all four shared prefixes, as a real
+    checkpoint of the one shared layer would hold it."""
+    sd = dict(sd)
+    for p in ("transformer.", "single_visual_transformer.", "single_audio_transformer.", "multi_transformer."):
+        sd[p + key[len("transformer.") :]] = value
+    return sd
+
+
+SIZES = {  # the four tensors official_config reads its sizes from, at tiny sizes
+    "visual_fc.weight": torch.zeros(8, 4),
+    f"transformer.{LAYER}factor_ffn.s_linear.weight": torch.zeros(16, 4),
+    f"transformer.{LAYER}attention.factor_query.ms0_linear.weight": torch.zeros(4, 8),
+    "single_visual_embeddings.position_embeddings.weight": torch.zeros(22, 8),
+}
+V1 = f"transformer.{LAYER}attention.factor_key.ms1_linear.weight"
+BASE2 = f"transformer.{LAYER}factor_ffn.orthogonal_ms2_linear.base"
+
+# name: (how the input is made, argv after "official", what the one line says). Every case exits 1 and changes
+# nothing in the test's folder (a foreign OUT, OUT.tmp or OUT.old included).
+BAD_CONVERT = {
+    "overwrite a foreign folder": ("foreign", ["{src}", "{tmp}/out", "--overwrite"], "it holds 'notes.txt', which avmt does not write"),
+    "overwrite a file": ("file_out", ["{src}", "{tmp}/out", "--overwrite"], "is not a checkpoint folder avmt wrote (it is a file"),
+    "overwrite a link": ("link_out", ["{src}", "{tmp}/out", "--overwrite"], "(it is a symbolic link)"),
+    "overwrite a folder holding a sub-folder": ("nested", ["{src}", "{tmp}/out", "--overwrite"], "it holds 'step_000001'"),
+    "overwrite the current folder": ("chdir", ["{src}", ".", "--overwrite"], "is the current folder or holds it"),
+    "overwrite a folder holding the current one": ("chdir", ["{src}", "..", "--overwrite"], "is the current folder or holds it"),
+    "a foreign OUT.tmp": ("foreign_tmp", ["{src}", "{tmp}/out"], "out.tmp exists and is not a checkpoint folder avmt wrote"),
+    "a foreign OUT.old": ("foreign_old", ["{src}", "{tmp}/out", "--overwrite"], "out.old exists and is not a checkpoint folder avmt wrote"),
+    "OUT exists": ("foreign", ["{src}", "{tmp}/out"], "out exists; choose another folder or overwrite it explicitly"),
+    "no such checkpoint": (None, ["{tmp}/nope.pyth", "{tmp}/out"], "nope.pyth is not a file"),
+    "a folder as checkpoint": (None, ["{tmp}", "{tmp}/out"], "is not a file"),
+    "empty file": ("empty", ["{tmp}/bad.pyth", "{tmp}/out"], "bad.pyth is not a readable torch checkpoint: EOFError"),
+    "junk file": ("junk", ["{tmp}/bad.pyth", "{tmp}/out"], "bad.pyth is not a readable torch checkpoint"),
+    "a pickled list": ("list", ["{tmp}/bad.pyth", "{tmp}/out"], "has no 'state_dict' dict (it holds: list)"),
+    "code in the pickle": ("payload", ["{tmp}/bad.pyth", "{tmp}/out"], "refused, since unpickling it could run arbitrary code"),
+    "non-string keys": ("int_keys", ["{tmp}/bad.pyth", "{tmp}/out"], "key 3 (int) is not a string"),
+    "no model keys": ("no_prefix", ["{tmp}/bad.pyth", "{tmp}/out"], "no state_dict key starts with 'avbert.'"),
+    "0-d size tensor": ("scalar", ["{tmp}/bad.pyth", "{tmp}/out"], "visual_fc.weight has shape (): a matrix is needed"),
+    "a size tensor missing": ("no_rank", ["{tmp}/bad.pyth", "{tmp}/out"], "the checkpoint lacks transformer."),
+    "unknown override": ("sizes", ["{tmp}/bad.pyth", "{tmp}/out", "model.dimm=3"], "unknown config key 'model.dimm'"),
+    "unknown preset": ("sizes", ["{tmp}/bad.pyth", "{tmp}/out", "--preset", "huge"], "preset='huge' is invalid"),
+    "non-square rotation base": ("base", ["{tmp}/bad.pyth", "{tmp}/out"], "A has shape (128, 128) and base (128, 64)"),
+    "wrongly shaped low-rank V": (
+        "v",
+        ["{tmp}/bad.pyth", "{tmp}/out"],
+        "ms1_linear.weight has shape (128, 700), but avmt's layers.0.key.V",
+    ),
+    "a NaN tensor": ("nan", ["{tmp}/bad.pyth", "{tmp}/out"], "visual_fc.bias holds NaN or infinite values"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONVERT))
+def test_bad_input_is_a_one_line_error_that_changes_nothing(official, plain_sd, tmp_path, monkeypatch, capsys, case):
+    how, argv, message = BAD_CONVERT[case]
+    _, src, _, _ = official
+    bad = tmp_path / "bad.pyth"
+    if how in ("foreign", "nested", "foreign_old"):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "state.pt").write_text("mine too")
+        if how == "foreign":
+            (tmp_path / "out" / "notes.txt").write_text("mine")
+        elif how == "nested":
+            (tmp_path / "out" / "step_000001").mkdir()
+        else:  # OUT itself could be avmt's: the foreign sibling is what is refused
+            (tmp_path / "out.old").mkdir()
+            (tmp_path / "out.old" / "thesis.tex").write_text("mine")
+    elif how == "foreign_tmp":
+        (tmp_path / "out.tmp").mkdir()
+        (tmp_path / "out.tmp" / "data.csv").write_text("mine")
+    elif how == "file_out":
+        (tmp_path / "out").write_text("mine")
+    elif how == "link_out":
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "out").symlink_to(tmp_path / "elsewhere")
+    elif how == "chdir":
+        (tmp_path / "work" / "sub").mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / "work" / "sub")
+    elif how == "empty":
+        bad.write_bytes(b"")
+    elif how == "junk":
+        bad.write_bytes(b"junk" * 100)
+    elif how == "list":
+        torch.save([1, 2], bad)
+    elif how == "payload":
+        torch.save({"state_dict": {"avbert.x": torch.zeros(1)}, "hook": Payload(tmp_path / "ran")}, bad)
+    elif how == "int_keys":
+        torch.save({"state_dict": {"avbert.visual_fc.weight": torch.zeros(2, 2), 3: torch.zeros(1)}}, bad)
+    elif how == "no_prefix":
+        torch.save({"state_dict": {"visual_fc.weight": torch.zeros(2, 2)}}, bad)
+    elif how in ("scalar", "no_rank", "sizes"):
+        sd = dict(SIZES)
+        if how == "scalar":
+            sd["visual_fc.weight"] = torch.tensor(3.0)
+        if how == "no_rank":
+            sd.pop(f"transformer.{LAYER}attention.factor_query.ms0_linear.weight")
+        torch.save({"state_dict": {"avbert." + k: v for k, v in sd.items()}}, bad)
+    elif how == "base":
+        save_official(bad, _shared(plain_sd, BASE2, torch.eye(128)[:, :64].contiguous()))
+    elif how == "v":
+        save_official(bad, _shared(plain_sd, V1, torch.zeros(128, 700)))
+    elif how == "nan":
+        save_official(bad, dict(plain_sd) | {"visual_fc.bias": torch.full((768,), float("nan"))})
+    before = snapshot(tmp_path)
+    assert main(["official", *[a.format(src=src, tmp=tmp_path) for a in argv]]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("avmt.convert: error: ") and message in line, line
+    assert snapshot(tmp_path) == before and not (tmp_path / "ran").exists()
+
+
+def test_overwrite_replaces_a_checkpoint_folder_avmt_wrote(official, tmp_path):
+    _, src, _, _ = official
+    assert main(["official", str(src), str(tmp_path / "out")]) == 0
+    (tmp_path / "out" / "state.pt").write_bytes(b"damaged")  # still avmt's own folder: replaced, not refused
+    assert main(["official", str(src), str(tmp_path / "out"), "--overwrite"]) == 0
+    assert load_checkpoint(tmp_path / "out")["converted_from"]["format"] == "official"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .tmp or .old left behind

@@ -1,10 +1,12 @@
 """prepare: every input is kept or rejected with the right reason; a re-run does no new work; CSV spans."""
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
+from bad_input import error_line, snapshot
 from data_fixtures import SR, make_bad_files, make_synth
 
 from avmt.data.manifest import load_manifest
@@ -170,16 +172,46 @@ def test_pool_workers_die_with_their_parent(tmp_path):
         ("v.mp4,a,b\n", [], 2, "labels.csv:1: expected path,label[,start,end], got 3 columns"),
         ("v.mp4,a\n", ["--workers", "-1"], 2, "--workers >= 0"),
         ("v.mp4,a\n", ["--out", "{file}/out"], 1, "cannot write"),
+        ("v.mp4,a\n", ["--out", "{file}"], 2, "file exists and is not a folder"),
+        ("v.mp4,a\n", ["--min-seconds", "nan"], 2, "--min-seconds finite and > 0"),
+        ("v.mp4,a\n", ["--min-seconds", "inf"], 2, "--min-seconds finite and > 0"),
+        ("v.mp4,a\n", ["--min-seconds", "0"], 2, "--min-seconds finite and > 0"),
+        ("v.mp4,a\n", ["--probe-timeout", "nan"], 2, "--probe-timeout finite and >= 0"),
+        ("v.mp4,a\n", ["--probe-timeout", "inf"], 2, "--probe-timeout finite and >= 0"),
+        ("v.mp4,a\n", ["--probe-timeout", "-1"], 2, "--probe-timeout finite and >= 0"),
+        ("v.mp4,a\n", ["--sample-rate", "0"], 2, "--sample-rate > 0"),
+        ("v.mp4,a\n", ["--max-repair", "nan"], 2, "--max-repair must be a share of the duration in [0, 1], got nan"),
+        ("v.mp4,a\n", ["--max-repair", "1.5"], 2, "--max-repair must be a share of the duration in [0, 1], got 1.5"),
+        ("v.mp4,a\n", ["--transcode", "--crf", "60"], 2, "0 <= crf <= 51"),
+        ("v.mp4,a\n", ["--transcode", "--fps", "nan"], 2, "fps > 0"),
+        ("v.mp4,a\n", ["--transcode", "--short-side", "1"], 2, "short_side >= 2"),
+        ("v.mp4,a\n", ["--transcode", "--preset", "huge"], 2, "preset='huge' is invalid"),
+        ("v.mp4,a\n", ["--fps", "30"], 2, "--short-side, --fps and --crf set what --transcode writes"),
+        ("v.mp4,a\n", ["--csv", "{dir}"], 2, "is not a regular file"),
+        ("v.mp4,a\n", ["--csv", "{fifo}"], 2, "fifo is not a regular file"),  # opening it would block forever
+        ("v.mp4,a\n", ["--csv", "{dir}/none.csv"], 2, "none.csv is not a regular file"),
+        ("v.mp4,a\n", ["--format", "ucf101"], 2, "--format ucf101 takes --root and --splits"),
+        ("v.mp4,a\n", ["--root", "{dir}"], 2, "--format folders takes --root"),
+        ("v.mp4,a\n", ["--format", "mp4"], 2, "invalid choice: 'mp4'"),
+        ("v.mp4,a\n", ["--workers", "two"], 2, "invalid int value: 'two'"),
     ],
 )
 def test_bad_cli_input_is_a_one_line_error(tmp_path, capsys, rows, args, code, message):
     (tmp_path / "labels.csv").write_text(rows)
     (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
     argv = ["--csv", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out"), "--quiet"]
-    argv += [a.format(file=tmp_path / "file") for a in args]
-    assert main(argv) == code
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1, err
+    argv += [a.format(file=tmp_path / "file", dir=tmp_path / "dir", fifo=tmp_path / "fifo") for a in args]
+    before = snapshot(tmp_path, exclude=("out",))
+    try:
+        got = main(argv)
+    except SystemExit as e:  # argparse's own errors (a type or a choice)
+        got = e.code
+    assert got == code
+    line = error_line(capsys.readouterr().err)
+    assert "error: " in line and message in line, line
+    assert snapshot(tmp_path, exclude=("out",)) == before
 
 
 def test_the_pcm_side_car_reads_as_the_flac_of_earlier_manifests(mixed_root, tmp_path):

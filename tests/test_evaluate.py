@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from bad_input import error_line, refused, snapshot
 
 import avmt.evaluate
 from avmt.config import load_config
@@ -213,9 +214,145 @@ def test_init_from_starts_a_run_from_the_weights_and_fresh_heads(run_dir, manife
     for (k, a), b in zip(source.state_dict().items(), started.state_dict().values()):
         if "running" not in k and "num_batches" not in k:  # BatchNorm statistics move in a train-mode step; weights barely (lr 1e-12)
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
-    # resuming the run ignores init_from (the run has its own weights); a missing init_from is a one-line error
+    # the run resumes with its own init_from (not read again: it has its own weights); another one is refused, not
+    # silently ignored; a missing init_from is a one-line error
     nowhere = f"train.init_from={tmp_path}/nowhere"
-    train(load_config("tiny", overrides=[*base, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=2", nowhere]), progress=False)
+    with pytest.raises(TrainingError, match="train.init_from=.*nowhere is not used: .* already holds this run's weights"):
+        train(load_config("tiny", overrides=[*base, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=2", nowhere]), progress=False)
+    train(
+        load_config("tiny", overrides=[*base, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=2", f"train.init_from={out}"]),
+        progress=False,
+    )
     cfg = load_config("tiny", overrides=[*base, f"train.run_dir={tmp_path / 'other'}", "train.max_steps=1", nowhere])
     with pytest.raises(TrainingError, match="train.init_from: .*nowhere does not exist"):
         train(cfg, progress=False)
+
+
+class _Payload:
+    """What a malicious state.pt pickles: unpickling it would run ``touch``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tampered(run_dir, folder, how):
+    """A copy of the run's checkpoint folder changed as ``how`` says, its manifest rewritten to match (so that only
+    the content, not a checksum, is wrong)."""
+    import hashlib
+    import shutil
+
+    from avmt.checkpoint import find_checkpoint
+
+    shutil.copytree(find_checkpoint(run_dir).path, folder)
+    state = torch.load(folder / "state.pt", weights_only=True)
+    if how == "no config":
+        torch.save({k: v for k, v in state.items() if k != "config"}, folder / "state.pt")
+    elif how == "invalid config":
+        state["config"]["model"]["dim"] = -8
+        torch.save(state, folder / "state.pt")
+    elif how == "code in state.pt":
+        torch.save(state | {"config": _Payload(folder.parent / "ran")}, folder / "state.pt")
+    elif how == "junk state.pt":
+        (folder / "state.pt").write_bytes(b"junk" * 64)
+    elif how == "a list as state.pt":
+        torch.save([1, 2, 3], folder / "state.pt")
+    elif how == "junk weights":
+        (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00junkjunk")
+    elif how == "foreign weights":
+        from safetensors.torch import save_file
+
+        save_file({"model.other": torch.zeros(3)}, folder / "model.safetensors")
+    files = {
+        f: {"bytes": (folder / f).stat().st_size, "sha256": hashlib.sha256((folder / f).read_bytes()).hexdigest()}
+        for f in ("model.safetensors", "state.pt")
+    }
+    (folder / "manifest.json").write_text(json.dumps({"step": 1, "files": files}))
+    return folder
+
+
+# name: (argv after --checkpoint CHECKPOINT, exit code, what the one line says). "{ckpt}" is a tampered copy of the run's
+# checkpoint (the case name says how), "{tmp}" the test's folder. Exit 2: argparse's usage block, then the line.
+BAD_EVALUATE = {
+    "device without CUDA": (["--device", "cuda"], 2, "--device cuda: no CUDA device here"),
+    "unknown device": (["--device", "tpu"], 2, "tpu"),
+    "meta device": (["--device", "meta"], 2, "--device meta: expected cpu, cuda or cuda:N"),
+    "lr inf": (["--protocol", "finetune", "--lr", "inf"], 2, "--lr must be a finite number, got inf"),
+    "lr nan": (["--protocol", "finetune", "--lr", "nan"], 2, "lr=nan is out of range"),
+    "lr 0": (["--protocol", "finetune", "--lr", "0"], 2, "lr=0.0 is out of range"),
+    "transfer lr inf": (["--protocol", "ucf101", "--lr", "inf"], 2, "setting backbone_lr=inf is out of range"),
+    "head lr inf": (["--protocol", "esc50", "--head-lr", "inf"], 2, "setting head_lr=inf is out of range"),
+    "warmup inf": (["--protocol", "finetune", "--warmup-fraction=-inf"], 2, "warmup_fraction=-inf is out of range"),
+    "weight decay inf": (["--protocol", "finetune", "--weight-decay", "inf"], 2, "--weight-decay must be a finite number"),
+    "dropout 1": (["--protocol", "finetune", "--dropout", "1"], 2, "dropout=1.0 is out of range"),
+    "epochs 0": (["--protocol", "finetune", "--epochs", "0"], 2, "epochs=0 is out of range"),
+    "transfer batch 0": (["--protocol", "kinetics-sounds", "--batch-size", "0"], 2, "setting batch_size=0 is out of range"),
+    "temporal views 0": (["--protocol", "ucf101", "--temporal-views", "0"], 2, "setting temporal_views=0 is out of range"),
+    "views 0": (["--views", "0"], 2, "--views must be >= 1"),
+    "test fraction 1": (["--test-fraction", "1"], 2, "--test-fraction in (0, 1)"),
+    "test fraction nan": (["--test-fraction", "nan"], 2, "--test-fraction in (0, 1)"),
+    "watchdog nan": (["--watchdog-s", "nan"], 2, "--watchdog-s must be a finite number of seconds >= 0"),
+    "watchdog negative": (["--watchdog-s", "-1"], 2, "--watchdog-s must be a finite number of seconds >= 0"),
+    "unknown head": (["--heads", "visual,smell"], 2, "--heads 'visual,smell' is invalid"),
+    "a head twice": (["--heads", "audio,audio"], 2, "--heads 'audio,audio' is invalid"),
+    "unknown protocol": (["--protocol", "svm"], 2, "invalid choice: 'svm'"),
+    "split 4 of ucf101": (["--protocol", "ucf101", "--split", "4"], 2, "--split '4': ucf101 has splits/folds 1, 2, 3"),
+    "fold 0 of esc50": (["--protocol", "esc50", "--fold", "0"], 2, "--split '0': esc50 has splits/folds 1, 2, 3, 4, 5"),
+    "split for linear": (["--split", "1"], 2, "--split is for the transfer protocols"),
+    "data override for linear": (["data.frames=8"], 2, "data overrides is for the transfer protocols"),
+    "no such manifest": (["--manifest", "{tmp}/none.jsonl"], 2, "none.jsonl does not exist"),
+    "a folder as manifest": (["--manifest", "{tmp}"], 2, "is not a regular file"),
+    "no such checkpoint": (["--checkpoint", "{tmp}/none"], 2, "none does not exist"),
+    "a folder without checkpoint": (["--checkpoint", "{tmp}"], 2, "holds no checkpoint"),
+    "no config": ([], 1, "state.pt holds no config"),
+    "invalid config": ([], 1, "the config in state.pt is invalid: model.dim=-8 is invalid"),
+    "code in state.pt": ([], 1, "state.pt holds a pickled posix.system, which is refused"),
+    "junk state.pt": ([], 1, "state.pt is not a readable checkpoint state"),
+    "a list as state.pt": ([], 1, "state.pt holds a list, not a checkpoint state"),
+    "junk weights": ([], 1, "model.safetensors is not a readable safetensors file"),
+    "foreign weights": ([], 1, "the weights do not fit the module"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EVALUATE))
+def test_bad_input_is_a_one_line_error_that_changes_nothing(run_dir, manifest, tmp_path, capsys, case):
+    args, code, message = BAD_EVALUATE[case]
+    if case == "device without CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    ckpt = _tampered(run_dir, tmp_path / "ckpt", case) if code == 1 else run_dir
+    argv = ["--checkpoint", str(ckpt), "--manifest", str(manifest), "--quiet", *[a.format(tmp=tmp_path) for a in args]]
+    before, run_before = snapshot(tmp_path), snapshot(run_dir)
+    try:
+        got = main(argv)
+    except SystemExit as e:  # argparse: the usage block, then the error line
+        got = e.code
+    assert got == code
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("python -m avmt.evaluate: error: " if code == 2 else "avmt.evaluate: error: ") and message in line, line
+    assert snapshot(tmp_path) == before and snapshot(run_dir) == run_before and not (tmp_path / "ran").exists()
+
+
+# train.init_from reads checkpoints through the same loaders: each damaged one is a one-line error of python -m avmt.train
+BAD_INIT_FROM = {
+    "code in state.pt": "state.pt holds a pickled posix.system, which is refused",
+    "junk state.pt": "state.pt is not a readable checkpoint state",
+    "junk weights": "model.safetensors is not a readable safetensors file",
+    "foreign weights": "the model weights do not fit the model of its config",
+    "no config": "state.pt holds no config",
+    "invalid config": "the config in state.pt is invalid: model.dim=-8 is invalid",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INIT_FROM))
+def test_a_damaged_init_from_is_a_one_line_error(run_dir, manifest, tmp_path, capsys, case):
+    from avmt.train import main as train_main
+
+    ckpt = _tampered(run_dir, tmp_path / "ckpt", case)
+    argv = ["--quiet", f"data.manifest={manifest}", "data.num_workers=0", "train.batch_size=4", f"train.run_dir={tmp_path / 'run'}"]
+    argv.append(f"train.init_from={ckpt}")
+    before = snapshot(tmp_path, exclude=("run",))
+    code, line, _ = refused(train_main, argv, capsys)
+    assert code == 1 and line.startswith("avmt.train: error: train.init_from: ") and BAD_INIT_FROM[case] in line, line
+    assert snapshot(tmp_path, exclude=("run",)) == before and not (tmp_path / "ran").exists()

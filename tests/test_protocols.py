@@ -120,8 +120,9 @@ def test_bad_protocol_input_is_a_clear_error(run_dir, datasets, tmp_path, capsys
     base = ["--checkpoint", str(run_dir), "--manifest", ucf, *QUICK]
     assert main([*base, "--protocol", "esc50"]) == 1
     assert "have no 'fold'" in capsys.readouterr().err
-    assert main([*base, "--protocol", "ucf101", "--split", "7"]) == 1
-    assert "no split/fold 7 in the manifest (it has 1, 2, 3)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not a split of the dataset: refused before the checkpoint is read
+        main([*base, "--protocol", "ucf101", "--split", "7"])
+    assert "--split '7': ucf101 has splits/folds 1, 2, 3" in capsys.readouterr().err
     assert main([*base, "--protocol", "kinetics-sounds"]) == 1  # UCF101 records: half have no audio, and no 'split'
     assert "have no 'split'" in capsys.readouterr().err
     with pytest.raises(SystemExit):

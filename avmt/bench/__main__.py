@@ -28,13 +28,26 @@ def _report(args: argparse.Namespace) -> int:
     paths = args.paths or ["benchmarks/results"]
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        print(f"python -m avmt.bench report: not found: {', '.join(missing)}", file=sys.stderr)
+        print(f"python -m avmt.bench report: error: not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    from avmt.bench.gpu import unwritable
+
     out = Path(args.out)
-    res = load_results(paths)
+    why = unwritable(out)
+    if why is not None:
+        print(f"python -m avmt.bench report: error: {why}", file=sys.stderr)
+        return 2
+    res = load_results(paths, check=True)
+    named = {str(Path(p)) for p in paths if not Path(p).is_dir()}
+    refused = [s for s in res.skipped if s.split(": ", 1)[0] in named]
+    if refused:  # a file named on the command line is not a result: say so (a folder's other JSON files are skipped)
+        print(f"python -m avmt.bench report: error: {refused[0]}", file=sys.stderr)
+        return 2
     if not res.sources:
-        print(f"python -m avmt.bench report: no result files in {', '.join(paths)}", file=sys.stderr)
+        print(f"python -m avmt.bench report: error: no result files in {', '.join(paths)}", file=sys.stderr)
         return 1
+    for line in res.skipped:
+        print(f"python -m avmt.bench report: skipped {line}", file=sys.stderr)
     try:
         text = render(res, out.parent, plots=not args.no_plots)
     except ImportError as e:
@@ -42,6 +55,7 @@ def _report(args: argparse.Namespace) -> int:
             f"python -m avmt.bench report: {e}; install the plotting extra (pip install -e '.[bench]') or pass --no-plots", file=sys.stderr
         )
         return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote {out} from {len(res.sources)} result files" + ("" if args.no_plots else f" (plots in {out.parent})"))
     return 0
@@ -88,11 +102,31 @@ def _config_and_schemes(args: argparse.Namespace, command: str) -> tuple[Config 
     except ConfigError as e:
         print(f"python -m avmt.bench {command}: error: {e}", file=sys.stderr)
         return None, {}
-    unknown = [s for s in args.schemes.split(",") if s not in SHARING_SCHEMES]
-    if unknown:
-        print(f"python -m avmt.bench {command}: unknown scheme {unknown[0]!r}", file=sys.stderr)
+    names = args.schemes.split(",")
+    unknown = [s for s in names if s not in SHARING_SCHEMES]
+    if unknown or len(set(names)) != len(names):
+        what = f"unknown scheme {unknown[0]!r}" if unknown else f"a scheme twice in {args.schemes!r}"
+        print(f"python -m avmt.bench {command}: error: {what} (the schemes are {', '.join(SHARING_SCHEMES)})", file=sys.stderr)
         return None, {}
-    return cfg, {s: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sharing=s)) for s in args.schemes.split(",")}
+    for flag in ("batch", "clips"):
+        value = getattr(args, flag, None)
+        if isinstance(value, int) and value < 1:
+            print(f"python -m avmt.bench {command}: error: --{flag} must be >= 1, got {value}", file=sys.stderr)
+            return None, {}
+    if isinstance(getattr(args, "clips", None), int) and args.clips > cfg.model.max_clips:
+        print(
+            f"python -m avmt.bench {command}: error: --clips {args.clips} is more than model.max_clips={cfg.model.max_clips} "
+            "(the position tables' size): raise model.max_clips too",
+            file=sys.stderr,
+        )
+        return None, {}
+    return cfg, {s: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sharing=s)) for s in names}
+
+
+def _refused(command: str, e: Exception | str) -> int:
+    """A measurement refused its settings (mode, scope, device, a config the clips do not fit): one line, exit 2."""
+    print(f"python -m avmt.bench {command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 def _memory(args: argparse.Namespace) -> int:
@@ -102,10 +136,13 @@ def _memory(args: argparse.Namespace) -> int:
     cfg, schemes = _config_and_schemes(args, "memory")
     if cfg is None:
         return 2
-    rows = {
-        s: measure_step(c, scope=args.scope, mode=args.mode, batch=args.batch, clips=args.clips, precision=args.precision)
-        for s, c in schemes.items()
-    }
+    try:
+        rows = {
+            s: measure_step(c, scope=args.scope, mode=args.mode, batch=args.batch, clips=args.clips, precision=args.precision)
+            for s, c in schemes.items()
+        }
+    except ValueError as e:  # what measure_step cannot measure
+        return _refused("memory", e)
     if args.json:
         print(json.dumps({s: r.to_dict() for s, r in rows.items()}, indent=1))
         return 0
@@ -139,7 +176,20 @@ def _peak(args: argparse.Namespace) -> int:
     cfg, schemes = _config_and_schemes(args, "peak")
     if cfg is None:
         return 2
-    rows = {s: step_peak(c, args.batch, clips=args.clips, mode=args.mode, device=args.device, scope=args.scope) for s, c in schemes.items()}
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        return _refused("peak", f"--device {args.device!r}: {str(e).strip().splitlines()[0]}")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        return _refused("peak", f"--device {args.device}: no such CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        return _refused("peak", f"--device {args.device}: expected cpu, cuda or cuda:N")
+    try:
+        rows = {s: step_peak(c, args.batch, clips=args.clips, mode=args.mode, device=device, scope=args.scope) for s, c in schemes.items()}
+    except ValueError as e:  # fake mode with --scope pretraining or a GPU device; clips the data settings cannot fit
+        return _refused("peak", e)
     if args.json:
         print(json.dumps({s: r.to_dict() for s, r in rows.items()}, indent=1))
         return 0
@@ -165,7 +215,7 @@ def _peak_sweep(args: argparse.Namespace) -> int:
 
     import torch
 
-    from avmt.bench.gpu import write_json
+    from avmt.bench.gpu import unwritable, write_json
     from avmt.bench.sweep import VARIANT_NOTES, fits_table, run_sweep
 
     def ints(text: str, what: str) -> list[float]:
@@ -173,8 +223,12 @@ def _peak_sweep(args: argparse.Namespace) -> int:
             values = [float(x) for x in text.split(",")]
         except ValueError:
             values = []
-        if not values or any(v <= 0 for v in values):
-            raise ValueError(f"{what}={text!r}: expected positive numbers, comma-separated")
+        if not values or not all(0 < v < float("inf") for v in values):  # NaN fails the comparison too
+            raise ValueError(f"{what}={text!r}: expected finite positive numbers, comma-separated")
+        if what == "--clips" and not all(v == int(v) for v in values):
+            raise ValueError(f"{what}={text!r}: expected whole numbers of clips")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{what}={text!r}: a value is given twice")
         return values
 
     args.overrides = ["model.kernel=reference", *args.overrides]
@@ -189,13 +243,25 @@ def _peak_sweep(args: argparse.Namespace) -> int:
     names, precisions = args.variants.split(","), args.precisions.split(",")
     bad = [v for v in names if v not in VARIANT_NOTES] + [p for p in precisions if p not in ("fp32", "bf16")]
     if bad:
-        print(f"python -m avmt.bench peak-sweep: unknown variant or precision {bad[0]!r}", file=sys.stderr)
+        print(f"python -m avmt.bench peak-sweep: error: unknown variant or precision {bad[0]!r}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"python -m avmt.bench peak-sweep: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    doc = json.loads(out.read_text()) if out.exists() else {}
+    why = unwritable(out)
+    try:
+        doc = json.loads(out.read_text()) if why is None and out.exists() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"--out {out} holds no readable JSON ({type(e).__name__}); it is rewritten with the points, so use another --out"
+    if why is None and not (isinstance(doc, dict) and doc.get("bench", "peak sweep") == "peak sweep"):
+        why = f"--out {out} is not a peak-sweep result (it would be overwritten); use another --out"
+    if why is not None:
+        print(f"python -m avmt.bench peak-sweep: error: {why}", file=sys.stderr)
+        return 2
     if doc and (doc.get("preset"), doc.get("batch")) != (cfg.preset, args.batch):
         print(
-            f"python -m avmt.bench peak-sweep: {out} holds preset={doc.get('preset')} batch={doc.get('batch')}; use another --out",
+            f"python -m avmt.bench peak-sweep: error: {out} holds preset={doc.get('preset')} batch={doc.get('batch')}; use another --out",
             file=sys.stderr,
         )
         return 2

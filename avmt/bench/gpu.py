@@ -64,8 +64,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic: a reader (or a kill) sees the previous file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a folder at ``path``, a kill: no stray temporary file is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _version(dist: str) -> str | None:
@@ -765,7 +769,7 @@ def spawn_part(name: str, dry_run: bool, timeout: float, part_file: Path) -> dic
         str(deadline),
         *(["--dry-run"] if dry_run else []),
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AVMT_GPU_CHECK_PARENT": str(os.getpid())}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -787,6 +791,21 @@ def spawn_part(name: str, dry_run: bool, timeout: float, part_file: Path) -> dic
     return result
 
 
+def unwritable(out: Path) -> str | None:
+    """Why the result file ``out`` cannot be written (a folder, not a regular file, not writable, no writable folder
+    above it), or None. The commands that write one check it before any work, so no measurement is lost to it."""
+    if out.is_dir():
+        return f"--out {out} is a folder; name the file to write"
+    if out.exists() and not out.is_file():
+        return f"--out {out} is not a regular file"
+    if out.exists() and not os.access(out, os.W_OK):
+        return f"--out {out} is not writable"
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out}: {parent} is not a writable folder"
+    return None
+
+
 def run_check(args: argparse.Namespace, spawn: Callable[[str, bool, float, Path], dict[str, Any]] = spawn_part) -> int:
     import torch
 
@@ -794,10 +813,22 @@ def run_check(args: argparse.Namespace, spawn: Callable[[str, bool, float, Path]
     dev = device_info()
     now = datetime.now(UTC)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{_slug(dev['name'] if dev['cuda'] else 'cpu')}-{now:%Y%m%dT%H%M%S}.json")
-    parts = args.parts.split(",") if args.parts else list(PARTS)
+    parts = args.parts.split(",") if args.parts is not None else list(PARTS)
     unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        print(f"python -m avmt.bench gpu: unknown part(s) {unknown}; the parts are {', '.join(PARTS)}", file=sys.stderr)
+    if unknown or len(set(parts)) != len(parts):
+        what = f"unknown part(s) {unknown}" if unknown else f"a part twice in {args.parts!r}"
+        print(f"python -m avmt.bench gpu: error: {what}; the parts are {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    if not MIN_PART_S <= args.budget_s < math.inf:  # NaN too: a budget no comparison can spend
+        print(
+            f"python -m avmt.bench gpu: error: --budget-s must be a finite number of seconds >= {MIN_PART_S} (the least a part "
+            f"is started with), got {args.budget_s:g}",
+            file=sys.stderr,
+        )
+        return 2
+    why = unwritable(out)
+    if why is not None:
+        print(f"python -m avmt.bench gpu: error: {why}", file=sys.stderr)
         return 2
     doc: dict[str, Any] = {
         "kind": KIND,
@@ -864,6 +895,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, required=True)
     p.add_argument("--dry-run", action="store_true")
     a = p.parse_args(argv)
+    # Its own session (so that a timeout can kill the part's whole group) also means no signal from the parent's
+    # terminal: the kernel ends the part when the orchestrator dies, and a part whose orchestrator is already gone
+    # (killed before this line) does not start.
+    from avmt.workers import die_with_parent
+
+    die_with_parent()
+    parent = os.environ.get("AVMT_GPU_CHECK_PARENT")
+    if parent is not None and os.getppid() != int(parent):
+        return 1
     return run_child(a.child, a.dry_run, a.deadline, a.part_file)
 
 

@@ -17,6 +17,7 @@ Where the same case was measured more than once, full-mode runs win over quick o
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,79 +80,102 @@ def _cpu_source(f: Path, kind: str, data: dict[str, Any], command: str | None) -
     }
 
 
-def load_results(paths: Iterable[str | Path]) -> Results:
-    """Read result files (JSON files or folders of them) into :class:`Results`."""
+def load_results(paths: Iterable[str | Path], check: bool = False) -> Results:
+    """Read result files (JSON files or folders of them) into :class:`Results`. A file that is not JSON, not a
+    regular file (a FIFO would block the read) or of no kind this report knows is skipped, with why (``skipped``).
+    ``check``: also skip a file of a known kind whose content the report cannot render (junk under a known
+    marker), by rendering it alone first, so that one bad file cannot end the report in a traceback."""
     res = Results()
     files: list[Path] = []
     for p in map(Path, paths):
         files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
     for f in files:
+        one = Results()  # each file on its own, so that a bad one leaves nothing half-read behind
         try:
-            data = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            res.skipped.append(f"{f}: {e}")
-            continue
-        if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
-            meta = dict(data.get("avmt") or {})
-            meta.setdefault("date", data.get("datetime"))
-            meta.setdefault("device", (data.get("machine_info") or {}).get("cpu", {}).get("brand_raw"))
-            res.sources.append({"path": str(f), "kind": "pytest-benchmark", **meta})
-            for b in data["benchmarks"]:
-                info, name, stats = dict(b.get("extra_info") or {}), b.get("name", ""), dict(b.get("stats") or {})
-                if info.get("kind") == "loader_side_by_side":  # one record per case, with what the cases share
-                    shared = {k: v for k, v in info.items() if k not in ("kind", "cases")}
-                    for case in info.get("cases", []):
-                        res.records.append(Record(str(f), meta, f"{name}[{case['case']}]", {**shared, **case, "kind": "loader"}, stats))
-                    continue
-                res.records.append(Record(str(f), meta, name, info, stats))
-        elif isinstance(data, dict) and data.get("bench") == "cpu_loader":
-            res.loader.append({"path": str(f), **data})
-            res.sources.append(
-                {
-                    "path": str(f),
-                    "kind": "bench_loader.py",
-                    "device": f"cpu ({data.get('cpus')} cores)",
-                    "torch": data.get("torch"),
-                    "date": data.get("date"),
-                    "command": data.get("command"),
-                    "mode": "quick" if data.get("quick") else "full",
-                }
-            )
-        elif isinstance(data, dict) and data.get("bench") == "whole-step peak":
-            res.peaks.append({"path": str(f), **data})
-            res.sources.append(_cpu_source(f, "python -m avmt.bench peak", data, "; ".join(r["command"] for r in data["runs"].values())))
-        elif isinstance(data, dict) and data.get("bench") == "peak sweep":
-            res.sweeps.append({"path": str(f), **data})
-            res.sources.append(_cpu_source(f, "python -m avmt.bench peak-sweep", data, data.get("command")))
-        elif isinstance(data, dict) and data.get("kind") == "avmt-gpu-check":
-            res.gpu_checks.append({"path": str(f), **data})
-            res.sources.append(
-                {
-                    "path": str(f),
-                    "kind": "python -m avmt.bench gpu",
-                    "device": (data.get("device") or {}).get("name"),
-                    "torch": (data.get("versions") or {}).get("torch"),
-                    "date": data.get("date"),
-                    "command": data.get("command"),
-                    "mode": "dry run" if data.get("dry_run") else "full",
-                }
-            )
-        elif isinstance(data, dict) and str(data.get("benchmark", "")).startswith("sample_negatives"):
-            res.sampling.append({"path": str(f), **data})
-            res.sources.append(
-                {
-                    "path": str(f),
-                    "kind": "sampling sweep",
-                    "device": data.get("device"),
-                    "torch": data.get("torch"),
-                    "date": data.get("date"),
-                    "command": data.get("command"),
-                    "mode": "full",
-                }
-            )
-        else:
-            res.skipped.append(f"{f}: not a result file this report knows")
+            _load_file(one, f)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # a known marker over junk fields
+            one = Results(skipped=[f"{f}: not a valid result file ({type(e).__name__}: {e})"])
+        if check and one.sources:
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    render(one, tmp, plots=False)
+            except Exception as e:  # any malformed field: the file is named and skipped, not trusted
+                one = Results(skipped=[f"{f}: not a valid {one.sources[0]['kind']} result ({type(e).__name__}: {e})"])
+        for name in ("records", "sources", "loader", "sampling", "gpu_checks", "peaks", "sweeps", "skipped"):
+            getattr(res, name).extend(getattr(one, name))
     return res
+
+
+def _load_file(res: Results, f: Path) -> None:
+    """Add result file ``f`` to ``res`` (or to ``res.skipped``, with why)."""
+    if not f.is_file():
+        res.skipped.append(f"{f}: not a regular file")
+        return
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        res.skipped.append(f"{f}: not JSON ({type(e).__name__}: {e})")
+        return
+    if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
+        meta = dict(data.get("avmt") or {})
+        meta.setdefault("date", data.get("datetime"))
+        meta.setdefault("device", (data.get("machine_info") or {}).get("cpu", {}).get("brand_raw"))
+        res.sources.append({"path": str(f), "kind": "pytest-benchmark", **meta})
+        for b in data["benchmarks"]:
+            info, name, stats = dict(b.get("extra_info") or {}), b.get("name", ""), dict(b.get("stats") or {})
+            if info.get("kind") == "loader_side_by_side":  # one record per case, with what the cases share
+                shared = {k: v for k, v in info.items() if k not in ("kind", "cases")}
+                for case in info.get("cases", []):
+                    res.records.append(Record(str(f), meta, f"{name}[{case['case']}]", {**shared, **case, "kind": "loader"}, stats))
+                return
+            res.records.append(Record(str(f), meta, name, info, stats))
+    elif isinstance(data, dict) and data.get("bench") == "cpu_loader":
+        res.loader.append({"path": str(f), **data})
+        res.sources.append(
+            {
+                "path": str(f),
+                "kind": "bench_loader.py",
+                "device": f"cpu ({data.get('cpus')} cores)",
+                "torch": data.get("torch"),
+                "date": data.get("date"),
+                "command": data.get("command"),
+                "mode": "quick" if data.get("quick") else "full",
+            }
+        )
+    elif isinstance(data, dict) and data.get("bench") == "whole-step peak":
+        res.peaks.append({"path": str(f), **data})
+        res.sources.append(_cpu_source(f, "python -m avmt.bench peak", data, "; ".join(r["command"] for r in data["runs"].values())))
+    elif isinstance(data, dict) and data.get("bench") == "peak sweep":
+        res.sweeps.append({"path": str(f), **data})
+        res.sources.append(_cpu_source(f, "python -m avmt.bench peak-sweep", data, data.get("command")))
+    elif isinstance(data, dict) and data.get("kind") == "avmt-gpu-check":
+        res.gpu_checks.append({"path": str(f), **data})
+        res.sources.append(
+            {
+                "path": str(f),
+                "kind": "python -m avmt.bench gpu",
+                "device": (data.get("device") or {}).get("name"),
+                "torch": (data.get("versions") or {}).get("torch"),
+                "date": data.get("date"),
+                "command": data.get("command"),
+                "mode": "dry run" if data.get("dry_run") else "full",
+            }
+        )
+    elif isinstance(data, dict) and str(data.get("benchmark", "")).startswith("sample_negatives"):
+        res.sampling.append({"path": str(f), **data})
+        res.sources.append(
+            {
+                "path": str(f),
+                "kind": "sampling sweep",
+                "device": data.get("device"),
+                "torch": data.get("torch"),
+                "date": data.get("date"),
+                "command": data.get("command"),
+                "mode": "full",
+            }
+        )
+    else:
+        res.skipped.append(f"{f}: not a result file this report knows")
 
 
 def _latest(records: list[Record], key) -> dict[Any, Record]:

@@ -15,11 +15,29 @@
 
 A split file that names a file not on disk still gives an item: prepare rejects it (``unreadable``), so every listed
 file is accounted for. A file listed in both the train and the test list of one split is an error.
+
+The metadata is checked against each dataset's fixed definition, and anything else is an error (``ValueError``
+naming the file, line and entry) before any file is probed:
+
+- every entry of a split list or meta CSV names a file inside ROOT: a plain relative path (no ``..``, no absolute
+  path, no empty or ``.`` part), checked as written (symbolic links inside ROOT are the user's own and followed);
+- UCF101: ``classInd.txt`` holds ``<index> <name>`` lines, indices 1..N once each, names once each; a split line
+  is ``<Class>/<file>`` with a class of ``classInd.txt`` and, in the train lists (always) and the test lists (when
+  present), that class's index;
+- ESC-50: every row has a filename, fold 1-5 and target 0-49 (:data:`ESC50_FOLDS`, :data:`ESC50_CLASSES`), the
+  file name's fold and target are the row's, and ``target`` and ``category`` name one class each way;
+- Kinetics-Sounds: splits are ``train`` and ``test`` (:data:`KS_SPLITS`, what the protocol reads) and at most
+  :data:`KS_MAX_CLASSES` classes (the released code's ``NUM_CLASSES``). The class names are not in the released
+  code, so avmt does not fix them: in the folder layout every split must hold the same class folders (a folder in
+  one split only is refused), with ``--csv`` the classes are the CSV's labels. Label indices are the sorted class
+  names of that class list, fixed before any file is probed, so a class whose files are all rejected renumbers no
+  other.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 from pathlib import Path
@@ -28,6 +46,25 @@ from avmt.data.prepare import Item
 
 FORMATS = ("folders", "csv", "ucf101", "esc50", "kinetics-sounds")
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".webm", ".mov")
+ESC50_FOLDS = range(1, 6)
+ESC50_CLASSES = 50  # targets 0-49
+KS_SPLITS = ("train", "test")  # avmt.protocols.split_of reads these two; any other split would be dropped silently
+KS_MAX_CLASSES = 32  # the released code's configs/kinetics-sounds/config.yaml: MODEL.NUM_CLASSES 32
+
+
+def _bad_entry(entry: str, parts: int) -> str | None:
+    """Why ``entry`` (as a split list or meta CSV writes it) is not ``parts`` plain path components relative to the
+    dataset's root, or None. Checked as written, so nothing outside the root can be named."""
+    if not entry:
+        return "it is empty"
+    if entry.startswith(("/", "\\")):
+        return "it is an absolute path"
+    names = re.split(r"[/\\]", entry)
+    if any(n in ("", ".", "..") for n in names):
+        return "it has an empty, '.' or '..' part"
+    if len(names) != parts:
+        return f"it has {len(names)} path parts, expected {parts}"
+    return None
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -46,6 +83,10 @@ def scan_ucf101(root: str | Path, splits: str | Path) -> list[Item]:
         m = re.fullmatch(r"(\d+)\s+(\S+)", line)
         if not m or int(m[1]) < 1:
             raise ValueError(f"{splits / 'classInd.txt'}:{n}: expected '<index from 1> <class name>', got {line!r}")
+        if _bad_entry(m[2], 1):
+            raise ValueError(f"{splits / 'classInd.txt'}:{n}: class name {m[2]!r} is not a folder name ({_bad_entry(m[2], 1)})")
+        if m[2] in classes:
+            raise ValueError(f"{splits / 'classInd.txt'}:{n}: class {m[2]!r} is listed twice")
         classes[m[2]] = int(m[1]) - 1
     if sorted(classes.values()) != list(range(len(classes))):
         raise ValueError(f"{splits / 'classInd.txt'}: class indices are not 1..{len(classes)} once each")
@@ -56,10 +97,22 @@ def scan_ucf101(root: str | Path, splits: str | Path) -> list[Item]:
             if not path.exists():
                 continue
             for n, line in _lines(path):
-                rel = line.split()[0]
+                fields = line.split()
+                rel = fields[0]
+                why = _bad_entry(rel, 2)
+                if why:
+                    raise ValueError(f"{path}:{n}: {rel!r} is not <Class>/<file> inside --root: {why}")
                 cls = rel.split("/")[0]
-                if cls not in classes or "/" not in rel:
-                    raise ValueError(f"{path}:{n}: {rel!r} is not <Class>/<file> with a class of classInd.txt")
+                if cls not in classes:
+                    raise ValueError(f"{path}:{n}: {rel!r}: class {cls!r} is not in classInd.txt")
+                # the class-index column: always in the train lists, optional in the test lists (UCF101 ships none)
+                if len(fields) > 2 or (kind == "train" and len(fields) != 2):
+                    want = "'<Class>/<file> <class index>'" if kind == "train" else "'<Class>/<file> [<class index>]'"
+                    raise ValueError(f"{path}:{n}: expected {want}, got {line!r}")
+                if len(fields) == 2 and fields[1] != str(classes[cls] + 1):
+                    raise ValueError(
+                        f"{path}:{n}: {rel!r} has class index {fields[1]!r}, but classInd.txt gives {cls} index {classes[cls] + 1}"
+                    )
                 seen = membership.setdefault(rel, {})
                 if seen.get(str(k)) not in (None, kind):
                     raise ValueError(f"{rel} is in both the train and the test list of split {k}")
@@ -94,18 +147,33 @@ def scan_esc50(root: str | Path) -> list[Item]:
         missing = {"filename", "fold", "target", "category"} - set(rows.fieldnames or ())
         if missing:
             raise ValueError(f"{meta}: no column {', '.join(sorted(missing))} (expected filename,fold,target,category,...)")
+        classes: dict[int, tuple[str, int]] = {}  # target -> (category, line)
+        targets: dict[str, tuple[int, int]] = {}  # category -> (target, line)
         for n, row in enumerate(rows, 2):
-            name = row["filename"].strip()
+            empty = [k for k in ("filename", "fold", "target", "category") if not (row.get(k) or "").strip()]
+            if empty:
+                raise ValueError(f"{meta}:{n}: no {', '.join(empty)} (expected filename,fold,target,category,...)")
+            name, category = row["filename"].strip(), row["category"].strip()
+            why = _bad_entry(name, 1)
+            if why:
+                raise ValueError(f"{meta}:{n}: filename {name!r} is not a file name in {root / 'audio'}: {why}")
             m = re.fullmatch(r"(\d+)-.+-(\d+)\.wav", name)
             try:
                 fold, target = int(row["fold"]), int(row["target"])
             except ValueError:
                 raise ValueError(f"{meta}:{n}: fold and target must be integers, got {row['fold']!r}, {row['target']!r}") from None
+            if fold not in ESC50_FOLDS or not 0 <= target < ESC50_CLASSES:
+                raise ValueError(f"{meta}:{n}: fold {fold}, target {target}: ESC-50 has folds 1-5 and targets 0-{ESC50_CLASSES - 1}")
             if not m or int(m[1]) != fold or int(m[2]) != target:
                 raise ValueError(f"{meta}:{n}: {name!r} does not match fold {fold} and target {target} (<fold>-<clip>-<take>-<target>.wav)")
+            known, other = classes.setdefault(target, (category, n)), targets.setdefault(category, (target, n))
+            if known[0] != category:
+                raise ValueError(f"{meta}:{n}: target {target} is {category!r} here but {known[0]!r} on line {known[1]}")
+            if other[0] != target:
+                raise ValueError(f"{meta}:{n}: category {category!r} is target {target} here but {other[0]} on line {other[1]}")
             listed.add(name)
             fields = {"fold": fold}
-            items.append(Item(str(root / "audio" / name), row["category"].strip(), need=("audio",), label_index=target, fields=fields))
+            items.append(Item(str(root / "audio" / name), category, need=("audio",), label_index=target, fields=fields))
     for f in sorted((root / "audio").glob("*")) if (root / "audio").is_dir() else ():
         if f.name not in listed and not f.name.startswith("."):
             items.append(Item(str(f), None, need=("audio",)))
@@ -113,39 +181,86 @@ def scan_esc50(root: str | Path) -> list[Item]:
 
 
 def scan_kinetics_sounds(root: str | Path, csv_path: str | Path | None = None) -> list[Item]:
-    """The authors' layout ``root/<split>/<label>/<file>``, or the clips a CSV names, found under ``root``."""
+    """The authors' layout ``root/<split>/<label>/<file>``, or the clips a CSV names, found under ``root``; labels
+    indexed by the sorted class list (the class folders, the same in every split; or the CSV's labels)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--root {root} is not a directory")
     if csv_path is None:
         items = []
-        for split in sorted(p for p in root.iterdir() if p.is_dir()):
-            for label in sorted(p for p in split.iterdir() if p.is_dir()):
+        splits = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for split in splits:
+            if split.name not in KS_SPLITS:
+                raise ValueError(f"{split}: {split.name!r} is not a Kinetics-Sounds split folder (expected {', '.join(KS_SPLITS)})")
+        per_split = {s.name: {p.name for p in s.iterdir() if p.is_dir() and not p.name.startswith(".")} for s in splits}
+        classes = sorted(set().union(*per_split.values()))
+        for name, have in per_split.items():
+            for c in classes:
+                if c not in have:
+                    where = ", ".join(s for s, h in per_split.items() if c in h)
+                    raise ValueError(
+                        f"{root / where.split(', ')[0] / c}: class folder {c!r} is in {where} but not in {name}; every split "
+                        "holds the same classes (a folder that is not a class would renumber the others)"
+                    )
+        _check_class_count(classes, root)
+        index = {c: i for i, c in enumerate(classes)}
+        for split in splits:
+            for label in sorted(p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 for dirpath, dirnames, filenames in os.walk(label):
                     dirnames.sort()
                     for name in sorted(filenames):
                         if not name.startswith("."):
-                            items.append(Item(str(Path(dirpath) / name), label.name, fields={"split": split.name}))
+                            path = str(Path(dirpath) / name)
+                            items.append(Item(path, label.name, label_index=index[label.name], fields={"split": split.name}))
         if not items:
             raise FileNotFoundError(f"{root} holds no <split>/<label>/<video> files")
         return items
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"--csv {csv_path} is not a file")
     by_stem = {}
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             by_stem.setdefault(Path(name).stem, str(Path(dirpath) / name))
-    items = []
+    rows_read = []
     with open(csv_path, newline="") as f:
         rows = csv.DictReader(f)
-        missing = {"youtube_id", "time_start", "time_end", "label", "split"} - set(rows.fieldnames or ())
+        columns = ("youtube_id", "time_start", "time_end", "label", "split")
+        missing = set(columns) - set(rows.fieldnames or ())
         if missing:
             raise ValueError(f"{csv_path}: no column {', '.join(sorted(missing))} (expected youtube_id,time_start,time_end,label,split)")
         for n, row in enumerate(rows, 2):
+            empty = [k for k in columns if not (row.get(k) or "").strip()]
+            if empty:
+                raise ValueError(f"{csv_path}:{n}: no {', '.join(empty)}")
             try:
-                start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+                start, end = float(row["time_start"]), float(row["time_end"])
             except ValueError:
                 raise ValueError(f"{csv_path}:{n}: time_start, time_end must be numbers") from None
+            if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
+                raise ValueError(f"{csv_path}:{n}: time_start, time_end must be finite with 0 <= start < end, got {start:g}, {end:g}")
             vid, label, split = row["youtube_id"].strip(), row["label"].strip(), row["split"].strip()
-            stem = f"{vid}_{start:06d}_{end:06d}"
-            path = by_stem.get(stem) or by_stem.get(vid) or str(root / split / label / f"{stem}.mp4")  # absent: rejected
-            items.append(Item(path, label, fields={"split": split}))
+            if split not in KS_SPLITS:
+                raise ValueError(f"{csv_path}:{n}: split {split!r} is not a Kinetics-Sounds split (expected {', '.join(KS_SPLITS)})")
+            for what, value in (("youtube_id", vid), ("label", label)):
+                why = _bad_entry(value, 1)
+                if why:
+                    raise ValueError(f"{csv_path}:{n}: {what} {value!r} cannot name a file or folder inside --root: {why}")
+            rows_read.append((vid, int(start), int(end), label, split))
+    classes = sorted({label for _, _, _, label, _ in rows_read})
+    _check_class_count(classes, csv_path)
+    index = {c: i for i, c in enumerate(classes)}
+    items = []
+    for vid, start, end, label, split in rows_read:
+        stem = f"{vid}_{start:06d}_{end:06d}"
+        path = by_stem.get(stem) or by_stem.get(vid) or str(root / split / label / f"{stem}.mp4")  # absent: rejected
+        items.append(Item(path, label, label_index=index[label], fields={"split": split}))
     return items
+
+
+def _check_class_count(classes: list[str], where: Path) -> None:
+    if len(classes) > KS_MAX_CLASSES:
+        raise ValueError(
+            f"{where}: {len(classes)} classes ({', '.join(classes[:3])}, ...), but Kinetics-Sounds has {KS_MAX_CLASSES}: "
+            "a folder or label that is not one of its classes?"
+        )

@@ -501,26 +501,22 @@ def main(argv: list[str] | None = None) -> int:
     if not given or extra:
         print(f"error: --format {fmt} takes {what}", file=sys.stderr)
         return 2
-    try:
-        from avmt.data import layouts
-
-        items = {
-            "folders": lambda: scan_root(a.root),
-            "csv": lambda: scan_csv(a.csv),
-            "ucf101": lambda: layouts.scan_ucf101(a.root, a.splits),
-            "esc50": lambda: layouts.scan_esc50(a.root),
-            "kinetics-sounds": lambda: layouts.scan_kinetics_sounds(a.root, a.csv),
-        }[fmt]()
-    except (OSError, ValueError) as e:
-        if a.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if not 0 <= a.max_repair <= 1:
         print(f"error: --max-repair must be a share of the duration in [0, 1], got {a.max_repair:g}", file=sys.stderr)
         return 2
-    if a.sample_rate <= 0 or not a.min_seconds > 0 or a.workers < 0 or not 0 <= a.probe_timeout < math.inf:
-        print("error: --sample-rate and --min-seconds must be > 0, --workers >= 0, --probe-timeout finite and >= 0", file=sys.stderr)
+    if a.sample_rate <= 0 or not 0 < a.min_seconds < math.inf or a.workers < 0 or not 0 <= a.probe_timeout < math.inf:
+        print(
+            "error: --sample-rate > 0, --min-seconds finite and > 0, --workers >= 0, --probe-timeout finite and >= 0 are needed, got "
+            f"{a.sample_rate}, {a.min_seconds:g}, {a.workers}, {a.probe_timeout:g}",
+            file=sys.stderr,
+        )
+        return 2
+    for flag, path, kind in (("--root", a.root, "dir"), ("--splits", a.splits, "dir"), ("--csv", a.csv, "file")):
+        if path is not None and not (path.is_dir() if kind == "dir" else path.is_file()):  # a FIFO as --csv would block
+            print(f"error: {flag} {path} is not a {'directory' if kind == 'dir' else 'regular file'}", file=sys.stderr)
+            return 2
+    if a.out.exists() and not a.out.is_dir():
+        print(f"error: --out {a.out} exists and is not a folder", file=sys.stderr)
         return 2
     transcode = None
     if a.transcode:
@@ -536,6 +532,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     elif a.short_side is not None or a.fps is not None or a.crf is not None:
         print("error: --short-side, --fps and --crf set what --transcode writes; pass --transcode", file=sys.stderr)
+        return 2
+    try:
+        from avmt.data import layouts
+
+        items = {
+            "folders": lambda: scan_root(a.root),
+            "csv": lambda: scan_csv(a.csv),
+            "ucf101": lambda: layouts.scan_ucf101(a.root, a.splits),
+            "esc50": lambda: layouts.scan_esc50(a.root),
+            "kinetics-sounds": lambda: layouts.scan_kinetics_sounds(a.root, a.csv),
+        }[fmt]()
+    except (OSError, ValueError) as e:
+        if a.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         s = prepare(items, a.out, a.sample_rate, a.min_seconds, a.workers, not a.quiet, a.probe_timeout, transcode, a.max_repair)
