@@ -255,6 +255,12 @@ class Pretraining(nn.Module):
                     mm_losses.append(loss)
                     mm_accs.append(acc.detach())
                     mm_counts.append(int(keep.sum()))
+                elif dist.is_available() and dist.is_initialized():
+                    # no matched pair in this rank's batch: the multimodal Transformer's output (which the CPP may not read,
+                    # objective.cpp_input=unimodal) and the head still take part, with a zero, since DDP needs every
+                    # parameter in every backward (else find_unused_parameters: an extra graph pass every step)
+                    head = self.mep_heads[f"multimodal_{m}"]
+                    total = total + 0.0 * (enc.multimodal.sum() + sum(p.sum() for p in head.parameters()))
         if mm_losses:
             loss = sum(mm_losses) / len(mm_losses)
             metrics["mep_multimodal_loss"] = loss.detach()

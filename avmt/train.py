@@ -13,6 +13,7 @@ summary; rank 0's logging is :class:`_Log`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,10 +27,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from avmt.checkpoint import (
     CheckpointError,
+    checkpoint_config,
     find_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -200,6 +203,16 @@ def restore(
         raise TrainingError(str(e)) from None
     if state["config"]["model"] != cfg.to_dict()["model"]:
         raise TrainingError(f"{ckpt} was trained with another model config; use a new train.run_dir or resume=false")
+    started_from = state["config"].get("train", {}).get("init_from", "")
+    if cfg.train.init_from and cfg.train.init_from != started_from:  # init_from is read only when a run starts
+        unused = (
+            f"train.init_from={cfg.train.init_from} is not used: {ckpt} already holds this run's weights (saved with "
+            f"train.init_from={started_from!r})"
+        )
+        if not allow_config_change:
+            raise TrainingError(f"{unused}; pass --no-resume to start over from it, use another train.run_dir, or --allow-config-change")
+        if rank == 0:
+            print(f"avmt.train: {unused}", file=sys.stderr)
     changes = [c for c in config_changes(state["config"], cfg) if c.split(":")[0] not in RESUMABLE_CHANGES]
     if changes and not allow_config_change:
         raise TrainingError(
@@ -229,7 +242,7 @@ def is_collective_timeout(e: BaseException) -> bool:
 
 def accumulate(
     net: torch.nn.Module, batches: Any, tc: TrainConfig, device: torch.device, bf16: bool, gen: torch.Generator
-) -> tuple[str, int, dict[str, float], float]:
+) -> tuple[str, int, dict[str, Tensor], float]:
     """Forward + backward of the ``train.grad_accum`` micro-batches of one optimizer step (:func:`_accumulate`); under
     ``torch.distributed`` a collective that times out (a hung or dead rank) becomes a :class:`TrainingError`."""
     try:
@@ -245,15 +258,17 @@ def accumulate(
 
 def _accumulate(
     net: torch.nn.Module, batches: Any, tc: TrainConfig, device: torch.device, bf16: bool, gen: torch.Generator
-) -> tuple[str, int, dict[str, float], float]:
+) -> tuple[str, int, dict[str, Tensor], float]:
     """Forward + backward of the ``train.grad_accum`` micro-batches of one optimizer step.
 
     Returns ``(outcome, micro-batches consumed, mean metrics, seconds waiting for data)``; outcome ``ok``, ``epoch_end``
     (the epoch ran out: a partial step is dropped) or ``nonfinite`` (a loss was NaN/inf on some rank: every rank skips).
+    The metrics stay on the device (float64 0-d tensors; :func:`read_metrics` reads them). Under DDP the gradients are
+    all-reduced once, in the last micro-batch's backward (the others run under ``no_sync``).
     """
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Tensor] = {}
     used, wait = 0, 0.0
-    for _ in range(tc.grad_accum):
+    for n in range(tc.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches, None)
         wait += time.perf_counter() - t0
@@ -261,17 +276,74 @@ def _accumulate(
             return "epoch_end", used, metrics, wait
         used += 1
         video, audio = batch["video"].to(device, non_blocking=True), batch["audio"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = net(video, audio, generator=gen)
-        flag = torch.tensor([float(torch.isfinite(out.loss))], device=device)
-        if dist.is_initialized():  # every rank skips together, or DDP's backward would hang
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if flag.item() < 1:
-            return "nonfinite", used, metrics, wait
-        (out.loss / tc.grad_accum).backward()
-        for k, v in out.metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + float(v) / tc.grad_accum
+        # DDP: all but the last micro-batch under no_sync, forward included (DDP decides in the forward whether the
+        # backward all-reduces)
+        last = n == tc.grad_accum - 1
+        with contextlib.nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = net(video, audio, generator=gen)
+            flag = torch.isfinite(out.loss.detach()).float().reshape(1)
+            if dist.is_initialized():  # every rank skips together, or DDP's backward would hang
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if flag.item() < 1:  # host sync 1 (per micro-batch): whether the step is skipped decides what runs next
+                return "nonfinite", used, metrics, wait
+            (out.loss / tc.grad_accum).backward()
+        for k, v in out.metrics.items():  # float64 sums, as the host summed them before: the same numbers, read later
+            metrics[k] = metrics.get(k, 0.0) + v.detach().double() / tc.grad_accum
     return "ok", used, metrics, wait
+
+
+@dataclass
+class StepOutcome:
+    """What :func:`training_step` did: ``outcome`` (``ok``: the weights moved; ``epoch_end``, ``nonfinite``: they did
+    not), the micro-batches consumed, the mean metrics (device tensors), the seconds spent waiting for data and the
+    global gradient norm (None when no step was taken)."""
+
+    outcome: str
+    used: int
+    metrics: dict[str, Tensor]
+    wait: float
+    grad_norm: float | None
+
+
+def training_step(
+    net: torch.nn.Module,
+    pre: torch.nn.Module,
+    batches: Any,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    tc: TrainConfig,
+    device: torch.device,
+    bf16: bool,
+    gen: torch.Generator,
+) -> StepOutcome:
+    """One optimizer step as ``python -m avmt.train`` takes it: the ``train.grad_accum`` micro-batches from
+    ``batches`` (forward, non-finite check, backward; DDP all-reduces once), clipping (a NaN/inf gradient skips the
+    step), the optimizer and the schedule. ``net`` is ``pre`` or its DDP wrapper. On any outcome but ``ok`` the
+    gradients are dropped and nothing else changes. Host syncs: one per micro-batch (the non-finite check) and one per
+    step (the gradient norm); the metrics are read later (:func:`read_metrics`)."""
+    outcome, used, metrics, wait = accumulate(net, batches, tc, device, bf16, gen)
+    grad_norm = clip_gradients(pre, tc) if outcome == "ok" else None  # host sync 2 (per step): the norm decides the skip
+    if grad_norm is None:  # no step: the epoch ended, or a loss or a gradient was NaN/inf
+        opt.zero_grad(set_to_none=True)
+        return StepOutcome("nonfinite" if outcome == "ok" else outcome, used, metrics, wait, None)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return StepOutcome("ok", used, metrics, wait, grad_norm)
+
+
+def read_metrics(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with their device-tensor values as Python floats, read in one host sync for all of them (the
+    training loop calls it once per ``train.log_every`` steps)."""
+    keys = [(i, k) for i, r in enumerate(records) for k, v in r.items() if isinstance(v, Tensor)]
+    if not keys:
+        return records
+    values = torch.stack([records[i][k].reshape(()).double() for i, k in keys]).tolist()  # host sync 3 (per log interval)
+    out = [dict(r) for r in records]
+    for (i, k), v in zip(keys, values):
+        out[i][k] = v
+    return out
 
 
 def initialise_from(model: AVBert, path: str | Path, cfg: Config, is_main: bool) -> None:
@@ -281,7 +353,7 @@ def initialise_from(model: AVBert, path: str | Path, cfg: Config, is_main: bool)
     (dropout, eps, kernels) are printed, since the run uses its own."""
     try:
         folder, verified = resolve_checkpoint(path)
-        saved = load_checkpoint(folder, verified=verified)["config"]["model"]
+        saved = checkpoint_config(load_checkpoint(folder, verified=verified), folder).to_dict()["model"]  # validated
         load_model_weights(folder, model)
     except CheckpointError as e:
         raise TrainingError(f"train.init_from: {e}") from None
@@ -375,7 +447,12 @@ def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow
     if ckpt is None and tc.init_from:  # a new run from given weights (a resumed run has its own)
         initialise_from(model, tc.init_from, cfg, is_main)
     pre = Pretraining(model, cfg.objective).to(device)
-    net = DistributedDataParallel(pre, find_unused_parameters=True) if world > 1 else pre
+    if world > 1:  # gradients all-reduced in place in DDP's buckets (no copy), once per optimizer step
+        # every parameter gets a gradient in every step, whatever the config (the objectives see to it: tested over the
+        # fusion modes, sharing schemes, CNN memory options and loss weights), so DDP need not search the graph for unused ones
+        net = DistributedDataParallel(pre, find_unused_parameters=False, gradient_as_bucket_view=True)
+    else:
+        net = pre
     opt, bf16 = build_optimizer(pre.parameters(), tc), use_bf16(tc, device)
     sched = build_scheduler(opt, tc)
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)  # masks, swaps, negative-sampling seeds
@@ -400,6 +477,13 @@ def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow
     log = _Log(run_dir, cfg, run.step, progress) if is_main else None
     pre.train()
     nonfinite_run, t_data, t_total, tick = 0, 0.0, 0.0, time.perf_counter()
+    pending: list[dict[str, Any]] = []  # rank 0's step records whose metrics are still on the device
+
+    def flush() -> None:  # the pending records into the log, their metrics read in one host sync
+        for r in read_metrics(pending):
+            log.step(r, tc, world, t_data, t_total)
+        pending.clear()
+
     end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
     stacks = run_dir / f"hang-stacks-rank{rank}.txt"
     with Watchdog(tc.watchdog_s, stacks, "no training step completed (train.watchdog_s)", prog="avmt.train") as dog:
@@ -408,34 +492,32 @@ def _train(cfg: Config, resume: bool, progress: bool, stop_at: int | None, allow
             batches = loader.iterate(run.batch_in_epoch)
             while run.step < end:
                 try:
-                    outcome, used, metrics, wait = accumulate(net, batches, tc, device, bf16, gen)
+                    step = training_step(net, pre, batches, opt, sched, tc, device, bf16, gen)
                 except LoaderError as e:  # the data gave out mid-run: keep what was trained, then say why
                     opt.zero_grad(set_to_none=True)
+                    flush()
                     save()
                     raise TrainingError(f"{e} (at step {run.step}; the checkpoint of that step is saved)") from None
                 dog.beat()
-                run.batch_in_epoch += used
-                t_data += wait
-                grad_norm = clip_gradients(pre, tc) if outcome == "ok" else None
-                if grad_norm is None:  # no step: the epoch ended, or a loss or a gradient was NaN/inf
-                    opt.zero_grad(set_to_none=True)
-                if outcome == "epoch_end":
+                run.batch_in_epoch += step.used
+                t_data += step.wait
+                if step.outcome == "epoch_end":
                     run.epoch, run.batch_in_epoch = run.epoch + 1, 0
                     break
-                if grad_norm is None:
+                if step.outcome == "nonfinite":
+                    flush()  # a run stopped by a streak keeps every step it logged
                     nonfinite_run = count_nonfinite(run, nonfinite_run + 1, tc, save)
                     continue
                 nonfinite_run = 0
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
                 run.step += 1
                 now = time.perf_counter()
                 t_total, tick = t_total + now - tick, now
                 if log is not None:
-                    record = {"step": run.step, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, **metrics}
+                    record = {"step": run.step, "lr": sched.get_last_lr()[0], "grad_norm": step.grad_norm, **step.metrics}
                     record |= {"nonfinite_skipped": run.nonfinite_total, "data_failures": loader.failures, "epoch": run.epoch}
-                    log.step(record, tc, world, t_data, t_total)
+                    pending.append(record)
+                    if run.step % tc.log_every == 0 or run.step == end or run.step % tc.save_every == 0:
+                        flush()
                 if run.step % tc.save_every == 0:
                     save()
         path = save()
