@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 
 FILES = ("model.safetensors", "state.pt")
 MANIFEST = "manifest.json"
+# The layout above, recorded as ``format`` in every manifest.json (a manifest without it is format 1: the same layout,
+# written before the field existed). A change of layout bumps it and either converts older checkpoints on load or
+# refuses them; a checkpoint of a newer format than this avmt reads is refused with the version (tests/test_guards.py
+# keeps a format-1 checkpoint loading, resuming and evaluating).
+FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)(\.tmp|\.old)?$")
 # the points of a write where tests inject a kill (save_checkpoint's ``fault`` hook), in order
 LOW_SPACE_BYTES = 64 * 2**20  # below this, a failed torch.save is reported as the full disk it almost surely is
@@ -141,7 +146,7 @@ def _write_folder(
         torch.save(state, tmp / FILES[1])
         hook("state")
         files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=1))
         hook("manifest")
         for f in (*FILES, MANIFEST):
             _fsync_file(tmp / f)
@@ -259,6 +264,11 @@ def verify(path: str | Path) -> str | None:
         return f"no {MANIFEST} (incomplete write, or written by an avmt without checksums)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    version = manifest.get("format", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return f"{MANIFEST} gives format {version!r}, which no avmt writes"
+    if version > FORMAT_VERSION:
+        return f"checkpoint format {version} is newer than this avmt reads (format {FORMAT_VERSION}): upgrade avmt to load it"
     for name in FILES:
         want = files.get(name) if isinstance(files, dict) else None
         f = path / name

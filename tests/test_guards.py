@@ -75,3 +75,32 @@ def test_an_old_checkpoint_evaluates(manifest, tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     out = json.loads(capsys.readouterr().out)
     assert 0 <= out["pretrained"]["audio"]["test_top1"] <= 100
+
+
+def test_checkpoints_carry_their_format_and_a_newer_one_is_refused_in_one_line(tmp_path, capsys):
+    import shutil
+
+    from avmt.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, verify
+    from avmt.evaluate import main
+
+    assert "format" not in json.loads((OLD_CHECKPOINT / "manifest.json").read_text())  # written before the field: format 1
+    newer = tmp_path / "newer"
+    shutil.copytree(OLD_CHECKPOINT, newer)
+    manifest = json.loads((newer / "manifest.json").read_text()) | {"format": FORMAT_VERSION + 1}
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    assert f"format {FORMAT_VERSION + 1} is newer" in verify(newer)
+    with pytest.raises(CheckpointError, match="upgrade avmt"):
+        load_checkpoint(newer)
+    assert main(["--checkpoint", str(newer), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and f"checkpoint format {FORMAT_VERSION + 1}" in err[-1]
+
+
+def test_a_new_checkpoint_records_the_current_format(manifest, tmp_path):
+    from avmt.checkpoint import FORMAT_VERSION, latest_checkpoint
+    from avmt.config import load_config
+    from avmt.train import train
+
+    overrides = [f"data.manifest={manifest}", "data.num_workers=0", f"train.run_dir={tmp_path}", "train.batch_size=4", "train.max_steps=1"]
+    train(load_config("tiny", overrides=overrides), progress=False)
+    assert json.loads((latest_checkpoint(tmp_path) / "manifest.json").read_text())["format"] == FORMAT_VERSION
