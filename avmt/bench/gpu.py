@@ -514,7 +514,7 @@ CNN_OPTIONS: dict[str, list[str]] = {  # name: train overrides, compared with "p
 
 def part_cnn_options(ctx: Part) -> dict[str, Any]:
     """Whether channels-last CNNs pay off under bf16, and what recompute and partial back-propagation cost in time
-    and save in memory on a real allocator (the issue-16 measurements the CPU cannot make)."""
+    and save in memory on a real allocator (the long-clip measurements the CPU cannot make)."""
     import gc
 
     import torch
