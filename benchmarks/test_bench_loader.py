@@ -210,11 +210,6 @@ def _timed_round(case: str, inputs: Inputs, batch: int, batches: int) -> tuple[f
     return startup, seconds
 
 
-def _start_method() -> str:
-    """How the loader starts its workers (recorded with the result: it sets the start-up cost)."""
-    return START_METHOD
-
-
 def test_loader(benchmark, full, inputs, tmp_path, summary_line):
     """The three cases timed in alternating rounds (A B C, C B A, ...), so that the machine's drift over minutes falls
     on every case alike; the benchmark's time is the whole side-by-side run."""
@@ -273,7 +268,7 @@ def test_loader(benchmark, full, inputs, tmp_path, summary_line):
         batch=batch,
         batches_per_round=batches,
         workers=worker_count(-1),
-        start_method=_start_method(),
+        start_method=START_METHOD,  # how the loader starts its workers: it sets the start-up cost
         cores=cores,
         host_bytes_per_sequence=15 * 32 * 3 * 112 * 112 + 15 * 80 * 128 * 4,  # uint8 video + float32 log-mel
         videos=inputs.videos,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from guards import SCHEMES, STEPS, THREADS, fixture_path, guard_manifest, trajectory
+from guards import FIXTURES, SCHEMES, STEPS, THREADS, fixture_path, guard_manifest, trajectory
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_the_loss_trajectory_is_the_committed_one(manifest, tmp_path, scheme, th
 
 # A checkpoint of the tiny preset (lowrank, 2 steps of batch 4) written by avmt at c9fb06c: the format every later
 # commit must keep loading, resuming and evaluating, or convert, or refuse with one line naming the version.
-OLD_CHECKPOINT = fixture_path("none").parent / "checkpoint-tiny-format1"
+OLD_CHECKPOINT = FIXTURES / "checkpoint-tiny-format1"
 
 
 def _run_with_old_checkpoint(tmp_path):
